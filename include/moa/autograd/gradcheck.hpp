@@ -75,7 +75,7 @@ inline GradcheckResult gradcheck(const std::function<Tensor(const std::vector<Te
       res.max_abs_error = std::max(res.max_abs_error, err);
       if (res.ok && !(err <= opt.atol + opt.rtol * std::abs(numeric))) {
         res.ok = false;
-        res.message = detail::cat("gradcheck: input ", k, " element ", i, ": analytic ",
+        res.message = ::moa::detail::cat("gradcheck: input ", k, " element ", i, ": analytic ",
                                   analytic[static_cast<std::size_t>(i)], " vs numeric ", numeric);
       }
     }
