@@ -11,7 +11,7 @@
 
 #include "moa/autograd/grad_mode.hpp"
 #include "moa/autograd/node.hpp"
-#include "moa/core/tensor.hpp"
+#include "moa/core/tensor_class.hpp"
 
 namespace moa::autograd {
 

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "moa/autograd/grad_mode.hpp"
-#include "moa/core/tensor.hpp"
+#include "moa/core/tensor_class.hpp"
 
 namespace moa::autograd {
 
@@ -22,7 +22,7 @@ using BackwardFn = std::function<std::vector<Tensor>(const Tensor& grad_out, con
 
 struct Edge {
   std::shared_ptr<Node> node;                  // the input's producer, or
-  std::shared_ptr<detail::TensorImpl> leaf;    // a leaf that accumulates a gradient
+  std::shared_ptr<::moa::detail::TensorImpl> leaf;    // a leaf that accumulates a gradient
   Shape shape;                                 // the input's shape (checked against the gradient)
   DType dtype = DType::f32;
 };

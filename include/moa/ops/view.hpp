@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "moa/autograd/node.hpp"
-#include "moa/core/tensor.hpp"
+#include "moa/core/tensor_class.hpp"
 
 namespace moa {
 
