@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Builds and runs moa's whole test suite with CTest: unit tests, the header-compile check and the
+# package tests. Installs missing Debian packages first (scripts/deps.sh).
+# Settings, all optional: MOA_BUILD_DIR (build-release), MOA_BUILD_TYPE (Release),
+# MOA_CXX_FLAGS (e.g. sanitizers; .ci/run uses this), MOA_JOBS (all cores).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash scripts/deps.sh
+
+build_dir=${MOA_BUILD_DIR:-build-release}
+jobs=${MOA_JOBS:-$(nproc)}
+cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE="${MOA_BUILD_TYPE:-Release}" \
+      -DCMAKE_CXX_FLAGS="${MOA_CXX_FLAGS:-}"
+cmake --build "$build_dir" -j "$jobs"
+ctest --test-dir "$build_dir" --output-on-failure --no-tests=error -j "$jobs"
