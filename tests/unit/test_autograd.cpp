@@ -1,0 +1,116 @@
+// Autograd: iterative backward on deep graphs, accumulation, no-grad, freed graphs, retain_graph.
+#include <doctest/doctest.h>
+
+#include "test_util.hpp"
+
+using namespace moa;
+
+TEST_CASE("autograd: a 2,000-op chain and a 100,000-op chain run backward without recursion") {
+  for (int depth : {2000, 100000}) {
+    Tensor x = Tensor::full({4}, 1.0, DType::f64).set_requires_grad();
+    Tensor y = x;
+    for (int i = 0; i < depth; ++i) y = scale(y, 1.0001);
+    Tensor loss = sum(y);
+    loss.backward();
+    const double expected = std::pow(1.0001, depth);
+    for (double g : x.grad().to_vector<double>()) CHECK(g == doctest::Approx(expected).epsilon(1e-9));
+    // Dropping the graph (here, at scope exit) must not overflow the stack either.
+  }
+}
+
+TEST_CASE("autograd: gradients accumulate across backward calls and through shared inputs") {
+  Tensor x = Tensor::from_vector(std::vector<double>{1, 2, 3}).set_requires_grad();
+  // y = x * x + x: dy/dx = 2x + 1 (x used three times: a diamond).
+  Tensor y = sum(x * x + x);
+  y.backward();
+  CHECK(x.grad().to_vector<double>() == std::vector<double>{3, 5, 7});
+  Tensor y2 = sum(x * 2.0);
+  y2.backward();
+  CHECK(x.grad().to_vector<double>() == std::vector<double>{5, 7, 9});
+  x.zero_grad();
+  CHECK_FALSE(x.grad().defined());
+}
+
+TEST_CASE("autograd: the gradient of a leaf never aliases another tensor") {
+  // add's backward passes the same gradient to both inputs; accumulating into one leaf must not
+  // change the other's.
+  Tensor a = Tensor::from_vector(std::vector<double>{1, 1}).set_requires_grad();
+  Tensor b = Tensor::from_vector(std::vector<double>{1, 1}).set_requires_grad();
+  sum(a + b).backward();
+  sum(a * 3.0).backward();
+  CHECK(a.grad().to_vector<double>() == std::vector<double>{4, 4});
+  CHECK(b.grad().to_vector<double>() == std::vector<double>{1, 1});
+}
+
+TEST_CASE("autograd: no-grad guard records nothing; tensors without requires_grad build no graph") {
+  Tensor w = Tensor::ones({3, 3}).set_requires_grad();
+  Tensor x = Tensor::ones({2, 3});
+  {
+    NoGradGuard guard;
+    CHECK_FALSE(is_grad_enabled());
+    Tensor y = matmul(x, w);
+    CHECK_FALSE(y.requires_grad());
+    CHECK(y.grad_fn() == nullptr);
+    {
+      EnableGradGuard on;
+      CHECK(matmul(x, w).grad_fn() != nullptr);
+    }
+  }
+  CHECK(is_grad_enabled());
+  Tensor z = gelu(matmul(x, x.t()));  // no input requires grad: no node anywhere
+  CHECK(z.grad_fn() == nullptr);
+  CHECK_FALSE(z.requires_grad());
+}
+
+TEST_CASE("autograd: a frozen weight gets no gradient; the input still does") {
+  Generator gen(1);
+  Tensor x = Tensor::randn({4, 5}, gen, DType::f64).set_requires_grad();
+  Tensor w = Tensor::randn({3, 5}, gen, DType::f64);  // frozen
+  Tensor b = Tensor::randn({3}, gen, DType::f64);     // frozen
+  sum(linear(x, w, b)).backward();
+  CHECK_FALSE(w.grad().defined());
+  CHECK_FALSE(b.grad().defined());
+  REQUIRE(x.grad().defined());
+  // d/dx sum(x W^T) = column sums of W, per row.
+  const auto wv = w.to_vector<double>();
+  const auto gx = x.grad().to_vector<double>();
+  for (int r = 0; r < 4; ++r)
+    for (int k = 0; k < 5; ++k) CHECK(gx[r * 5 + k] == doctest::Approx(wv[k] + wv[5 + k] + wv[10 + k]));
+}
+
+TEST_CASE("autograd: backward twice through a freed graph is an error naming the op; retain_graph allows it") {
+  Tensor x = Tensor::from_vector(std::vector<double>{1, 2}).set_requires_grad();
+  Tensor y = sum(exp(x));
+  y.backward();
+  test::check_throws_with<AutogradError>([&] { y.backward(); }, {"already freed", "sum", "retain_graph"});
+
+  Tensor x2 = Tensor::from_vector(std::vector<double>{1, 2}).set_requires_grad();
+  Tensor y2 = sum(exp(x2));
+  y2.backward(Tensor(), true);
+  y2.backward();
+  const auto g = x2.grad().to_vector<double>();
+  CHECK(g[0] == doctest::Approx(2 * std::exp(1.0)));
+  CHECK(g[1] == doctest::Approx(2 * std::exp(2.0)));
+}
+
+TEST_CASE("autograd: bad backward calls") {
+  Tensor x = Tensor::ones({2, 2}).set_requires_grad();
+  Tensor y = x * 2.0;
+  test::check_throws_with<AutogradError>([&] { y.backward(); }, {"scalar", "[2, 2]"});
+  test::check_throws_with<ShapeError>([&] { y.backward(Tensor::ones({3})); }, {"backward", "[2, 2]", "[3]"});
+  test::check_throws_with<AutogradError>([] { Tensor::ones({1}).backward(); }, {"does not require grad"});
+  test::check_throws_with<AutogradError>([&] { y.set_requires_grad(false); }, {"leaf"});
+  y.backward(Tensor::ones({2, 2}));
+  CHECK(x.grad().to_vector<float>() == std::vector<float>{2, 2, 2, 2});
+}
+
+TEST_CASE("autograd: backward of a leaf itself, and of views of a leaf") {
+  Tensor x = Tensor::from_vector(std::vector<double>{1, 2, 3, 4, 5, 6}, {2, 3}).set_requires_grad();
+  x.backward(Tensor::full({2, 3}, 0.5, DType::f64));
+  CHECK(x.grad().to_vector<double>() == std::vector<double>(6, 0.5));
+  x.zero_grad();
+  // d/dx sum(x^T[1:3] * c) with c = [[1],[2]] broadcast over columns.
+  Tensor c = Tensor::from_vector(std::vector<double>{1, 2}, {2, 1});
+  sum(x.t().narrow(0, 1, 2) * c).backward();
+  CHECK(x.grad().to_vector<double>() == std::vector<double>{0, 1, 2, 0, 1, 2});
+}

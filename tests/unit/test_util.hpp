@@ -1,0 +1,54 @@
+// Shared helpers for the unit tests: random shapes, tensor comparison.
+#pragma once
+
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "moa/moa.hpp"
+
+namespace moa::test {
+
+inline std::mt19937& shape_rng() {
+  static std::mt19937 rng(20261128);
+  return rng;
+}
+
+// A random size in [lo, hi].
+inline int64_t rand_size(int64_t lo, int64_t hi) {
+  return std::uniform_int_distribution<int64_t>(lo, hi)(shape_rng());
+}
+
+inline double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) {
+  REQUIRE(a.size() == b.size());
+  double m = 0.0;
+  for (std::size_t i = 0; i < a.size(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
+  return m;
+}
+
+inline double max_abs_diff(const Tensor& a, const Tensor& b) {
+  REQUIRE(a.shape() == b.shape());
+  return max_abs_diff(a.to_vector<double>(), b.to_vector<double>());
+}
+
+// Checks that `f` throws E and that its message contains every fragment.
+template <class E, class F>
+void check_throws_with(F&& f, const std::vector<std::string>& fragments) {
+  bool thrown = false;
+  try {
+    f();
+  } catch (const E& e) {
+    thrown = true;
+    const std::string what = e.what();
+    for (const auto& frag : fragments) {
+      INFO("message: " << what);
+      CHECK(what.find(frag) != std::string::npos);
+    }
+  }
+  CHECK_MESSAGE(thrown, "expected an exception");
+}
+
+}  // namespace moa::test
