@@ -8,7 +8,6 @@
 #include <cstdint>
 
 #include "gemm_common.hpp"
-#include "gemm_pack.hpp"
 
 namespace moa::kernels::cpu::detail {
 
@@ -57,7 +56,7 @@ inline void sgemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int6
         float* const b_pack = b_buf + (nt > 1 ? (iter & 1) * b_block : 0);
         // Every thread packs its share of the B panel's micro-panels.
         for (int64_t q = panels * tid / nt; q < panels * (tid + 1) / nt; ++q)
-          pack_b_panel<NR>(trans_b, B, ldb, pc, kc, jc + q * NR, std::min(NR, nc - q * NR), b_pack + q * NR * kc);
+          Ukr::pack_b_panel(trans_b, B, ldb, pc, kc, jc + q * NR, std::min(NR, nc - q * NR), b_pack + q * NR * kc);
 #ifdef _OPENMP
         if (nt > 1) {
 #pragma omp barrier
@@ -70,7 +69,7 @@ inline void sgemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int6
         const int64_t q0 = panels * gn / tn, q1 = panels * (gn + 1) / tn;
         for (int64_t ic = m0; ic < m1; ic += mcb) {
           const int64_t mc = std::min(mcb, m1 - ic);
-          pack_a<MR>(trans_a, A, lda, ic, mc, pc, kc, a_buf);
+          Ukr::pack_a(trans_a, A, lda, ic, mc, pc, kc, a_buf);
           for (int64_t q = q0; q < q1; ++q) {
             const int64_t j = jc + q * NR;
             const int64_t nr = std::min(NR, N - j);

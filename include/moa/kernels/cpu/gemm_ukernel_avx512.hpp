@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include "gemm_common.hpp"
+#include "gemm_pack.hpp"
 
 namespace moa::kernels::cpu::detail {
 
@@ -17,6 +18,15 @@ struct ukernel_avx512 {
   static constexpr int64_t KC = 256;
   static constexpr int64_t MC = 192;
   static constexpr int64_t NC = 3072;
+
+  static void pack_a(bool trans_a, const float* A, int64_t lda, int64_t i0, int64_t mc, int64_t k0, int64_t kc,
+                     float* Ap) {
+    detail::pack_a<MR>(trans_a, A, lda, i0, mc, k0, kc, Ap);
+  }
+  static void pack_b_panel(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kc, int64_t j, int64_t nr,
+                           float* dst) {
+    detail::pack_b_panel<NR>(trans_b, B, ldb, k0, kc, j, nr, dst);
+  }
 
   static void run(int64_t kc, const float* __restrict a, const float* __restrict b, float* c, int64_t ldc,
                   float alpha, float beta, update_mode mode) {

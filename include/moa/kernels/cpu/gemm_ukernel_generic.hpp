@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "gemm_common.hpp"
+#include "gemm_pack.hpp"
 
 namespace moa::kernels::cpu::detail {
 
@@ -14,6 +15,15 @@ struct ukernel_generic {
   static constexpr int64_t KC = 256;
   static constexpr int64_t MC = 128;
   static constexpr int64_t NC = 2048;
+
+  static void pack_a(bool trans_a, const float* A, int64_t lda, int64_t i0, int64_t mc, int64_t k0, int64_t kc,
+                     float* Ap) {
+    detail::pack_a<MR>(trans_a, A, lda, i0, mc, k0, kc, Ap);
+  }
+  static void pack_b_panel(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kc, int64_t j, int64_t nr,
+                           float* dst) {
+    detail::pack_b_panel<NR>(trans_b, B, ldb, k0, kc, j, nr, dst);
+  }
 
   // C[0:MR, 0:NR] (row stride ldc) <- update(sum_k a[k*MR + r] * b[k*NR + c]), a and b packed.
   static void run(int64_t kc, const float* __restrict a, const float* __restrict b, float* c, int64_t ldc,
