@@ -10,8 +10,11 @@
 
 #include "moa/autograd/gradcheck.hpp"
 #include "moa/core/tensor.hpp"
+#include "moa/kernels/cpu/norm.hpp"
 #include "moa/kernels/cpu/softmax.hpp"
+#include "moa/kernels/reference/norm.hpp"
 #include "moa/kernels/reference/softmax.hpp"
+#include "moa/ops/norm.hpp"
 #include "moa/ops/softmax.hpp"
 
 using moa::DType;
@@ -184,4 +187,133 @@ TEST_CASE("softmax / log_softmax: bad inputs") {
   // Empty tensors are fine (nothing to normalise).
   CHECK(moa::softmax(Tensor::zeros({0, 4})).shape() == moa::Shape{0, 4});
   CHECK(moa::log_softmax(Tensor::zeros({3, 0})).shape() == moa::Shape{3, 0});
+}
+
+// ---------------------------------------------------------------------------------------------
+// layer_norm / rms_norm
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("norm kernels: cpu matches reference (forward and backward)") {
+  namespace ref = moa::kernels::reference;
+  namespace cpu = moa::kernels::cpu;
+  Generator gen(3);
+  for (int64_t N : kSizes)
+    for (int64_t C : kSizes)
+      for (bool with_bias : {true, false}) {
+        const auto x = randn_vec(N * C, gen, 2.0);
+        const auto w = randn_vec(C, gen);
+        const auto bias = randn_vec(C, gen);
+        const auto dy = randn_vec(N * C, gen);
+        const float* b = with_bias ? bias.data() : nullptr;
+        std::vector<float> y0(N * C), y1(N * C), m0(N), m1(N), r0(N), r1(N);
+        ref::layer_norm_forward(y0.data(), m0.data(), r0.data(), x.data(), w.data(), b, N, C, 1e-5f);
+        cpu::layer_norm_forward(y1.data(), m1.data(), r1.data(), x.data(), w.data(), b, N, C, 1e-5f);
+        check_close(y1, y0, 1e-5, 1e-4, "layer_norm forward");
+        check_close(m1, m0, 1e-6, 1e-5, "layer_norm mean");
+        check_close(r1, r0, 1e-6, 1e-4, "layer_norm rstd");
+        // dweight / dbias accumulate: start them from the same non-zero values.
+        std::vector<float> dx0(N * C), dx1(N * C), dw0 = w, dw1 = w, db0 = bias, db1 = bias;
+        ref::layer_norm_backward(dx0.data(), dw0.data(), db0.data(), dy.data(), x.data(), w.data(), m0.data(),
+                                 r0.data(), N, C);
+        cpu::layer_norm_backward(dx1.data(), dw1.data(), db1.data(), dy.data(), x.data(), w.data(), m0.data(),
+                                 r0.data(), N, C);
+        check_close(dx1, dx0, 1e-4, 1e-3, "layer_norm dx");
+        check_close(dw1, dw0, 1e-4, 1e-4, "layer_norm dweight");
+        check_close(db1, db0, 1e-4, 1e-4, "layer_norm dbias");
+        // Only the parameter gradients (dx null), and only dx.
+        std::vector<float> dw2 = w;
+        cpu::layer_norm_backward<float>(nullptr, dw2.data(), nullptr, dy.data(), x.data(), w.data(), m0.data(),
+                                        r0.data(), N, C);
+        check_close(dw2, dw0, 1e-4, 1e-4, "layer_norm dweight alone");
+        std::vector<float> dx2(N * C);
+        cpu::layer_norm_backward<float>(dx2.data(), nullptr, nullptr, dy.data(), x.data(), w.data(), m0.data(),
+                                        r0.data(), N, C);
+        check_close(dx2, dx0, 1e-4, 1e-3, "layer_norm dx alone");
+
+        ref::rms_norm_forward(y0.data(), r0.data(), x.data(), w.data(), N, C, 1e-6f);
+        cpu::rms_norm_forward(y1.data(), r1.data(), x.data(), w.data(), N, C, 1e-6f);
+        check_close(y1, y0, 1e-5, 1e-4, "rms_norm forward");
+        check_close(r1, r0, 1e-6, 1e-4, "rms_norm rstd");
+        dw0 = w;
+        dw1 = w;
+        ref::rms_norm_backward(dx0.data(), dw0.data(), dy.data(), x.data(), w.data(), r0.data(), N, C);
+        cpu::rms_norm_backward(dx1.data(), dw1.data(), dy.data(), x.data(), w.data(), r0.data(), N, C);
+        check_close(dx1, dx0, 1e-4, 1e-3, "rms_norm dx");
+        check_close(dw1, dw0, 1e-4, 1e-4, "rms_norm dweight");
+      }
+}
+
+TEST_CASE("layer_norm / rms_norm: values against an independent formula") {
+  const std::vector<double> xs = {1.0, 2.0, 3.0, 4.0, -2.0, 0.0, 5.0, 1.0};
+  const std::vector<double> ws = {1.0, 0.5, -1.0, 2.0}, bs = {0.0, 1.0, 0.25, -3.0};
+  Tensor x = Tensor::from_vector(xs, {2, 4});
+  Tensor w = Tensor::from_vector(ws), b = Tensor::from_vector(bs);
+  const auto y = moa::layer_norm(x, w, b, 1e-5).to_vector<double>();
+  const auto y_nb = moa::layer_norm(x, w).to_vector<double>();
+  const auto z = moa::rms_norm(x, w, 1e-6).to_vector<double>();
+  for (int r = 0; r < 2; ++r) {
+    double mean = 0, var = 0, ms = 0;
+    for (int c = 0; c < 4; ++c) mean += xs[r * 4 + c] / 4;
+    for (int c = 0; c < 4; ++c) var += (xs[r * 4 + c] - mean) * (xs[r * 4 + c] - mean) / 4;
+    for (int c = 0; c < 4; ++c) ms += xs[r * 4 + c] * xs[r * 4 + c] / 4;
+    for (int c = 0; c < 4; ++c) {
+      const double xhat = (xs[r * 4 + c] - mean) / std::sqrt(var + 1e-5);
+      CHECK(y[r * 4 + c] == doctest::Approx(xhat * ws[c] + bs[c]).epsilon(1e-12));
+      CHECK(y_nb[r * 4 + c] == doctest::Approx(xhat * ws[c]).epsilon(1e-12));
+      CHECK(z[r * 4 + c] == doctest::Approx(xs[r * 4 + c] / std::sqrt(ms + 1e-6) * ws[c]).epsilon(1e-12));
+    }
+  }
+  // Hand-checked: layer_norm([1, 3]) with eps 0 = [-1, 1]; rms_norm([3, 4]) with eps 0 = [3, 4] / sqrt(12.5).
+  const auto h = moa::layer_norm(Tensor::from_vector(std::vector<float>{1.0f, 3.0f}), Tensor::ones({2}), Tensor(), 0.0)
+                     .to_vector<float>();
+  CHECK(h[0] == doctest::Approx(-1.0));
+  CHECK(h[1] == doctest::Approx(1.0));
+  const auto h2 =
+      moa::rms_norm(Tensor::from_vector(std::vector<float>{3.0f, 4.0f}), Tensor::ones({2}), 0.0).to_vector<float>();
+  CHECK(h2[0] == doctest::Approx(3.0 / std::sqrt(12.5)));
+  CHECK(h2[1] == doctest::Approx(4.0 / std::sqrt(12.5)));
+  // A rank-1 input and a rank-3 input give per-row statistics.
+  CHECK(moa::layer_norm(Tensor::zeros({5}), Tensor::ones({5})).shape() == moa::Shape{5});
+  CHECK(moa::rms_norm(Tensor::zeros({2, 3, 5}), Tensor::ones({5})).shape() == moa::Shape{2, 3, 5});
+}
+
+TEST_CASE("layer_norm / rms_norm: gradcheck of x, weight and bias, including non-contiguous x") {
+  Generator gen(4);
+  Tensor x = leaf({3, 6}, gen), w = leaf({6}, gen), b = leaf({6}, gen);
+  Tensor xt = leaf({6, 3}, gen), x3 = leaf({2, 3, 8}, gen), w3 = leaf({6}, gen);
+  check_grad([](const std::vector<Tensor>& in) { return moa::layer_norm(in[0], in[1], in[2]); }, {x, w, b});
+  check_grad([](const std::vector<Tensor>& in) { return moa::layer_norm(in[0], in[1]); }, {x, w});
+  check_grad([](const std::vector<Tensor>& in) { return moa::layer_norm(in[0].transpose(0, 1), in[1], in[2]); },
+             {xt, w, b});
+  check_grad([](const std::vector<Tensor>& in) { return moa::layer_norm(in[0].narrow(2, 1, 6), in[1], in[2]); },
+             {x3, w3, b});
+  check_grad([](const std::vector<Tensor>& in) { return moa::rms_norm(in[0], in[1]); }, {x, w});
+  check_grad([](const std::vector<Tensor>& in) { return moa::rms_norm(in[0].transpose(0, 1), in[1]); }, {xt, w});
+  check_grad([](const std::vector<Tensor>& in) { return moa::rms_norm(in[0].narrow(2, 2, 6), in[1]); }, {x3, w3});
+  // Only some inputs need a gradient.
+  Tensor xc = Tensor::randn({4, 6}, gen, DType::f64);
+  check_grad([&](const std::vector<Tensor>& in) { return moa::layer_norm(xc, in[0], in[1]); }, {w, b});
+  check_grad([&](const std::vector<Tensor>& in) { return moa::rms_norm(xc, in[0]); }, {w});
+}
+
+TEST_CASE("layer_norm / rms_norm: bad inputs") {
+  Tensor x = Tensor::zeros({2, 8});
+  check_throws<moa::ShapeError>([&] { moa::layer_norm(x, Tensor::ones({7})); },
+                                {"[moa.shape_error] layer_norm: expected weight of shape [8], got [7]"});
+  check_throws<moa::ShapeError>([&] { moa::layer_norm(x, Tensor::ones({8}), Tensor::ones({8, 1})); },
+                                {"layer_norm", "bias", "[8]", "[8, 1]"});
+  check_throws<moa::ValueError>([&] { moa::layer_norm(x, Tensor::ones({8}, DType::f64)); },
+                                {"layer_norm", "weight", "f32", "f64"});
+  check_throws<moa::ValueError>([&] { moa::layer_norm(x, Tensor()); }, {"layer_norm", "weight", "undefined"});
+  check_throws<moa::ValueError>([&] { moa::layer_norm(Tensor::zeros({2, 8}, DType::i32), Tensor::ones({8})); },
+                                {"layer_norm", "i32"});
+  check_throws<moa::ShapeError>([&] { moa::layer_norm(Tensor::scalar(1.0), Tensor::ones({1})); },
+                                {"layer_norm", "[..., C]", "[]"});
+  check_throws<moa::ShapeError>([&] { moa::layer_norm(Tensor::zeros({3, 0}), Tensor::ones({0})); },
+                                {"layer_norm", "C >= 1", "[3, 0]"});
+  check_throws<moa::ShapeError>([&] { moa::rms_norm(x, Tensor::ones({2})); },
+                                {"[moa.shape_error] rms_norm: expected weight of shape [8], got [2]"});
+  check_throws<moa::ValueError>([&] { moa::rms_norm(x, Tensor::ones({8}), -1.0); }, {"rms_norm", "eps"});
+  // No rows is fine.
+  CHECK(moa::rms_norm(Tensor::zeros({0, 8}), Tensor::ones({8})).shape() == moa::Shape{0, 8});
 }
