@@ -1,7 +1,7 @@
 // A program built against an installed moa (find_package(moa COMPONENTS openmp), moa::openmp):
 // checks that the package's usage requirements (C++20, OpenMP) reached this translation unit and
 // that the installed headers are the version the package reports.
-#include <moa/version.hpp>
+#include <moa/moa.hpp>
 
 #include <omp.h>
 

@@ -1,5 +1,5 @@
 // A program that builds moa from source with add_subdirectory() and links moa::moa (no OpenMP).
-#include <moa/version.hpp>
+#include <moa/moa.hpp>
 
 #include <cstdio>
 #include <string>
