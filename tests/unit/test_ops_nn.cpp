@@ -3,17 +3,22 @@
 // and values computed by independent formulas.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "moa/autograd/gradcheck.hpp"
 #include "moa/core/tensor.hpp"
+#include "moa/kernels/cpu/embedding.hpp"
 #include "moa/kernels/cpu/norm.hpp"
 #include "moa/kernels/cpu/softmax.hpp"
+#include "moa/kernels/reference/embedding.hpp"
 #include "moa/kernels/reference/norm.hpp"
 #include "moa/kernels/reference/softmax.hpp"
+#include "moa/ops/embedding.hpp"
 #include "moa/ops/norm.hpp"
 #include "moa/ops/softmax.hpp"
 
@@ -69,6 +74,14 @@ void check_throws(F&& f, const std::vector<std::string>& parts) {
 }
 
 const int64_t kSizes[] = {1, 7, 33, 257};
+
+// n ids uniform in [0, V).
+std::vector<int32_t> rand_ids(int64_t n, int64_t V, Generator& gen) {
+  const auto u = Tensor::rand({n}, gen, DType::f64, 0.0, static_cast<double>(V)).to_vector<double>();
+  std::vector<int32_t> out(u.size());
+  for (std::size_t i = 0; i < u.size(); ++i) out[i] = std::min<int32_t>(static_cast<int32_t>(u[i]), V - 1);
+  return out;
+}
 
 }  // namespace
 
@@ -316,4 +329,76 @@ TEST_CASE("layer_norm / rms_norm: bad inputs") {
   check_throws<moa::ValueError>([&] { moa::rms_norm(x, Tensor::ones({8}), -1.0); }, {"rms_norm", "eps"});
   // No rows is fine.
   CHECK(moa::rms_norm(Tensor::zeros({0, 8}), Tensor::ones({8})).shape() == moa::Shape{0, 8});
+}
+
+// ---------------------------------------------------------------------------------------------
+// embedding
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("embedding kernels: cpu matches reference bit for bit, for any thread count") {
+  namespace ref = moa::kernels::reference;
+  namespace cpu = moa::kernels::cpu;
+  Generator gen(6);
+  const int threads = moa::num_threads();
+  for (int64_t V : {1, 7, 33})
+    for (int64_t N : kSizes)
+      for (int64_t C : kSizes) {
+        const auto w = randn_vec(V * C, gen);
+        const auto ids = rand_ids(N, V, gen);  // repeats when N > V
+        const auto dy = randn_vec(N * C, gen);
+        std::vector<float> y0(N * C), y1(N * C);
+        ref::embedding_forward(y0.data(), ids.data(), w.data(), N, C);
+        cpu::embedding_forward(y1.data(), ids.data(), w.data(), N, C);
+        CHECK(y1 == y0);
+        std::vector<float> d0 = w, d1 = w, d2 = w;  // accumulates onto existing values
+        ref::embedding_backward(d0.data(), dy.data(), ids.data(), N, C);
+        cpu::embedding_backward(d1.data(), dy.data(), ids.data(), N, C);
+        moa::set_num_threads(1);
+        cpu::embedding_backward(d2.data(), dy.data(), ids.data(), N, C);
+        moa::set_num_threads(threads);
+        CHECK(d1 == d0);
+        CHECK(d2 == d0);
+      }
+}
+
+TEST_CASE("embedding: values, shapes and gradient by hand") {
+  // weight rows are [10r, 10r + 1]; ids [[2, 0, 2], [1, 1, 1]].
+  Tensor w = Tensor::from_vector(std::vector<float>{0, 1, 10, 11, 20, 21}, {3, 2});
+  w.set_requires_grad();
+  Tensor ids = Tensor::from_vector(std::vector<int32_t>{2, 0, 2, 1, 1, 1}, {2, 3});
+  Tensor y = moa::embedding(w, ids);
+  CHECK(y.shape() == moa::Shape{2, 3, 2});
+  CHECK(y.to_vector<float>() == std::vector<float>{20, 21, 0, 1, 20, 21, 10, 11, 10, 11, 10, 11});
+  // d(sum(y * k))/dw for k = ones: each row's gradient counts its occurrences.
+  y.backward(Tensor::ones({2, 3, 2}));
+  CHECK(w.grad().to_vector<float>() == std::vector<float>{1, 1, 3, 3, 2, 2});
+  // A scalar id gives one row; no ids give an empty [0, C].
+  CHECK(moa::embedding(w, Tensor::from_vector(std::vector<int32_t>{1}, {})).to_vector<float>() ==
+        std::vector<float>{10, 11});
+  CHECK(moa::embedding(w, Tensor::zeros({0}, DType::i32)).shape() == moa::Shape{0, 2});
+}
+
+TEST_CASE("embedding: gradcheck, including a non-contiguous table and non-contiguous ids") {
+  Generator gen(7);
+  Tensor w = leaf({5, 4}, gen), wt = leaf({4, 5}, gen);
+  Tensor ids = Tensor::from_vector(std::vector<int32_t>{0, 3, 3, 4, 1, 3}, {2, 3});
+  check_grad([&](const std::vector<Tensor>& in) { return moa::embedding(in[0], ids); }, {w});
+  check_grad([&](const std::vector<Tensor>& in) { return moa::embedding(in[0].transpose(0, 1), ids.transpose(0, 1)); },
+             {wt});
+  check_grad([&](const std::vector<Tensor>& in) { return moa::embedding(in[0].narrow(1, 1, 3), ids); }, {w});
+}
+
+TEST_CASE("embedding: bad inputs") {
+  Tensor w = Tensor::zeros({10, 4});
+  Tensor ids = Tensor::from_vector(std::vector<int32_t>{1, 2, 3, 4, 5, 12}, {2, 3});
+  check_throws<moa::IndexError>([&] { moa::embedding(w, ids); },
+                                {"[moa.index_error] embedding", "id 12", "position [1, 2]", "V = 10", "[10, 4]"});
+  Tensor neg = Tensor::from_vector(std::vector<int32_t>{0, -1});
+  check_throws<moa::IndexError>([&] { moa::embedding(w, neg); }, {"embedding", "id -1", "position [1]"});
+  check_throws<moa::ValueError>([&] { moa::embedding(w, Tensor::zeros({3})); }, {"embedding", "ids", "i32", "f32"});
+  check_throws<moa::ValueError>([&] { moa::embedding(Tensor::zeros({10, 4}, DType::i32), ids); },
+                                {"embedding", "weight", "i32"});
+  check_throws<moa::ShapeError>([&] { moa::embedding(Tensor::zeros({10}), ids); },
+                                {"embedding", "[V, C]", "[10]"});
+  check_throws<moa::ValueError>([&] { moa::embedding(w, Tensor()); }, {"embedding", "defined"});
 }
