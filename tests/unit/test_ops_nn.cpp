@@ -12,13 +12,16 @@
 
 #include "moa/autograd/gradcheck.hpp"
 #include "moa/core/tensor.hpp"
+#include "moa/kernels/cpu/cross_entropy.hpp"
 #include "moa/kernels/cpu/embedding.hpp"
 #include "moa/kernels/cpu/norm.hpp"
 #include "moa/kernels/cpu/softmax.hpp"
+#include "moa/kernels/reference/cross_entropy.hpp"
 #include "moa/kernels/reference/embedding.hpp"
 #include "moa/kernels/reference/norm.hpp"
 #include "moa/kernels/reference/softmax.hpp"
 #include "moa/ops/embedding.hpp"
+#include "moa/ops/loss.hpp"
 #include "moa/ops/norm.hpp"
 #include "moa/ops/softmax.hpp"
 
@@ -401,4 +404,102 @@ TEST_CASE("embedding: bad inputs") {
   check_throws<moa::ShapeError>([&] { moa::embedding(Tensor::zeros({10}), ids); },
                                 {"embedding", "[V, C]", "[10]"});
   check_throws<moa::ValueError>([&] { moa::embedding(w, Tensor()); }, {"embedding", "defined"});
+}
+
+// ---------------------------------------------------------------------------------------------
+// cross_entropy
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("cross_entropy kernels: cpu matches reference, with ignored targets") {
+  namespace ref = moa::kernels::reference;
+  namespace cpu = moa::kernels::cpu;
+  Generator gen(8);
+  for (int64_t N : kSizes)
+    for (int64_t V : kSizes) {
+      const auto x = randn_vec(N * V, gen, 3.0);
+      auto t = rand_ids(N, V, gen);
+      for (int64_t n = 0; n < N; n += 3) t[n] = -100;  // every third row ignored (all of them when N == 1)
+      std::vector<float> l0(N), l1(N), d0(N * V), d1(N * V, 7.0f);
+      const float loss0 = ref::cross_entropy_forward(l0.data(), x.data(), t.data(), N, V, -100);
+      const float loss1 = cpu::cross_entropy_forward(l1.data(), x.data(), t.data(), N, V, -100);
+      CHECK(loss1 == doctest::Approx(loss0).epsilon(1e-5));
+      check_close(l1, l0, 1e-5, 1e-5, "cross_entropy lse");
+      ref::cross_entropy_backward(d0.data(), 1.5f, x.data(), l0.data(), t.data(), N, V, -100);
+      cpu::cross_entropy_backward(d1.data(), 1.5f, x.data(), l0.data(), t.data(), N, V, -100);
+      check_close(d1, d0, 1e-7, 1e-4, "cross_entropy dlogits");
+    }
+}
+
+TEST_CASE("cross_entropy: values against an independent formula and by hand") {
+  // Rows: a clear winner, a uniform row (ignored), a row whose target is not the max.
+  const std::vector<double> xs = {1.0, 2.0, 3.0, 1.0, 1.0, 1.0, 0.0, 0.0, 5.0};
+  Tensor x = Tensor::from_vector(xs, {3, 3});
+  x.set_requires_grad();
+  Tensor t = Tensor::from_vector(std::vector<int32_t>{2, -100, 0});
+  Tensor loss = moa::cross_entropy(x, t);
+  CHECK(loss.shape() == moa::Shape{});
+  auto nll = [&](int r, int c) {
+    double s = 0;
+    for (int v = 0; v < 3; ++v) s += std::exp(xs[r * 3 + v]);
+    return std::log(s) - xs[r * 3 + c];
+  };
+  const double expected = (nll(0, 2) + nll(2, 0)) / 2;
+  CHECK(loss.item<double>() == doctest::Approx(expected).epsilon(1e-13));
+  loss.backward();
+  const auto g = x.grad().to_vector<double>();
+  for (int r : {0, 2}) {
+    double s = 0;
+    for (int v = 0; v < 3; ++v) s += std::exp(xs[r * 3 + v]);
+    for (int v = 0; v < 3; ++v)
+      CHECK(g[r * 3 + v] == doctest::Approx((std::exp(xs[r * 3 + v]) / s - (v == (r == 0 ? 2 : 0))) / 2).epsilon(1e-12));
+  }
+  for (int v = 0; v < 3; ++v) CHECK(g[3 + v] == 0.0);
+  // Hand-checked: two equal logits -> loss ln 2; [B, T, V] form with targets [B, T].
+  Tensor x3 = Tensor::zeros({2, 1, 2});
+  Tensor t3 = Tensor::from_vector(std::vector<int32_t>{0, 1}, {2, 1});
+  CHECK(moa::cross_entropy(x3, t3).item<float>() == doctest::Approx(std::log(2.0)));
+  // All ignored: loss 0 and an all-zero gradient.
+  Tensor xa = Tensor::ones({2, 4}, DType::f64);
+  xa.set_requires_grad();
+  Tensor la = moa::cross_entropy(xa, Tensor::from_vector(std::vector<int32_t>{-1, -1}), -1);
+  CHECK(la.item<double>() == 0.0);
+  la.backward();
+  CHECK(xa.grad().to_vector<double>() == std::vector<double>(8, 0.0));
+  // No rows at all: like all ignored.
+  CHECK(moa::cross_entropy(Tensor::zeros({0, 4}), Tensor::zeros({0}, DType::i32)).item<float>() == 0.0f);
+  // A custom ignore_index inside [0, V) ignores that class.
+  Tensor xi = Tensor::from_vector(std::vector<double>{0.0, 1.0, 1.0, 0.0}, {2, 2});
+  CHECK(moa::cross_entropy(xi, Tensor::from_vector(std::vector<int32_t>{1, 1}), 1).item<double>() == 0.0);
+}
+
+TEST_CASE("cross_entropy: gradcheck, with ignored targets and non-contiguous logits") {
+  Generator gen(9);
+  Tensor x = leaf({5, 7}, gen, 2.0), xt = leaf({7, 5}, gen, 2.0), x3 = leaf({2, 3, 6}, gen);
+  Tensor t = Tensor::from_vector(std::vector<int32_t>{3, -100, 0, 6, -100});
+  check_grad([&](const std::vector<Tensor>& in) { return moa::cross_entropy(in[0], t); }, {x});
+  check_grad([&](const std::vector<Tensor>& in) { return moa::cross_entropy(in[0].transpose(0, 1), t); }, {xt});
+  Tensor t3 = Tensor::from_vector(std::vector<int32_t>{0, 4, -100, 1, 1, 4}, {2, 3});
+  check_grad([&](const std::vector<Tensor>& in) { return moa::cross_entropy(in[0].narrow(2, 1, 5), t3); }, {x3});
+  // (gradcheck projects the scalar loss on a random weight, so a non-unit upstream gradient is covered.)
+}
+
+TEST_CASE("cross_entropy: bad inputs") {
+  Tensor x = Tensor::zeros({2, 3, 5});
+  Tensor t = Tensor::from_vector(std::vector<int32_t>{0, 1, 2, 3, 4, 7}, {2, 3});
+  check_throws<moa::IndexError>([&] { moa::cross_entropy(x, t); },
+                                {"[moa.index_error] cross_entropy", "target 7", "position [1, 2]", "V = 5",
+                                 "[2, 3, 5]", "ignore_index = -100"});
+  check_throws<moa::IndexError>(
+      [&] { moa::cross_entropy(Tensor::zeros({2, 5}), Tensor::from_vector(std::vector<int32_t>{-1, 0})); },
+      {"cross_entropy", "target -1", "position [0]"});
+  check_throws<moa::ShapeError>([&] { moa::cross_entropy(x, Tensor::zeros({6}, DType::i32)); },
+                                {"cross_entropy", "targets of shape [2, 3]", "[2, 3, 5]", "got [6]"});
+  check_throws<moa::ShapeError>([&] { moa::cross_entropy(Tensor::zeros({5}), Tensor::zeros({}, DType::i32)); },
+                                {"cross_entropy", "[N, V]", "got [5]"});
+  check_throws<moa::ShapeError>([&] { moa::cross_entropy(Tensor::zeros({2, 0}), Tensor::zeros({2}, DType::i32)); },
+                                {"cross_entropy", "V >= 1", "[2, 0]"});
+  check_throws<moa::ValueError>([&] { moa::cross_entropy(x, Tensor::zeros({2, 3})); },
+                                {"cross_entropy", "targets", "i32", "f32"});
+  check_throws<moa::ValueError>([&] { moa::cross_entropy(Tensor::zeros({2, 3}, DType::i32), t); },
+                                {"cross_entropy", "logits", "i32"});
 }

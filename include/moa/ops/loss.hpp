@@ -1,0 +1,64 @@
+// moa/ops/loss.hpp: cross_entropy (mean over the non-ignored targets), fused with log-softmax.
+//
+// Saved for backward: the logits (contiguous), the per-row log-sum-exp and a copy of the
+// targets; backward writes dlogits = (softmax - onehot) * dloss / count.
+// Every target ignored: the loss is 0 and the gradient is all zero (not NaN, unlike 0/0).
+#pragma once
+
+#include <vector>
+
+#include "moa/autograd/node.hpp"
+#include "moa/core/tensor.hpp"
+#include "moa/kernels/cpu/cross_entropy.hpp"
+#include "moa/ops/embedding.hpp"  // detail::unravel_index
+
+namespace moa {
+
+// logits: (N, V) with targets (N), or (B, T, V) with targets (B, T) (any (..., V) with (...));
+// logits f32/f64, targets i32, each in [0, V) or equal to ignore_index. Returns a scalar (shape
+// []) of the logits' dtype: the mean of -log_softmax(logits)[target] over the non-ignored rows.
+inline Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index = -100) {
+  MOA_CHECK(logits.defined() && targets.defined(), ValueError, "cross_entropy: expected defined logits and targets");
+  MOA_CHECK(logits.dtype() == DType::f32 || logits.dtype() == DType::f64, ValueError,
+            "cross_entropy: expected logits of dtype f32 or f64, got ", dtype_name(logits.dtype()));
+  MOA_CHECK(targets.dtype() == DType::i32, ValueError, "cross_entropy: expected targets of dtype i32, got ",
+            dtype_name(targets.dtype()));
+  MOA_CHECK(logits.device().type == DeviceType::cpu && targets.device().type == DeviceType::cpu, DeviceError,
+            "cross_entropy: expected cpu tensors, got logits on ", logits.device().str(), " and targets on ",
+            targets.device().str());
+  MOA_CHECK(logits.dim() >= 2 && logits.shape().back() >= 1, ShapeError,
+            "cross_entropy: expected logits of shape [N, V] or [B, T, V] with V >= 1, got ", shape_str(logits.shape()));
+  const Shape rows(logits.shape().begin(), logits.shape().end() - 1);
+  MOA_CHECK(targets.shape() == rows, ShapeError, "cross_entropy: expected targets of shape ", shape_str(rows),
+            " for logits ", shape_str(logits.shape()), ", got ", shape_str(targets.shape()));
+  const int64_t V = logits.shape().back(), N = numel_of(rows);
+  const Tensor tc = detail::copy_contiguous(targets.detach());  // owned: the caller may refill its buffer
+  const int32_t* t = tc.data<int32_t>();
+  for (int64_t n = 0; n < N; ++n)
+    MOA_CHECK(t[n] == ignore_index || (t[n] >= 0 && t[n] < V), IndexError, "cross_entropy: target ", t[n],
+              " at position ", detail::unravel_index(n, rows), " of targets ", shape_str(rows),
+              " is out of range for logits ", shape_str(logits.shape()), " (expected 0 <= target < V = ", V,
+              ", or ignore_index = ", ignore_index, ")");
+  const Tensor xc = logits.detach().contiguous();
+  Tensor lse = Tensor::empty({N}, logits.dtype());  // (N)
+  Tensor out = Tensor::empty({}, logits.dtype());
+  detail::dispatch_float(logits.dtype(), "cross_entropy", [&]<class T>() {
+    out.data<T>()[0] =
+        kernels::cpu::cross_entropy_forward<T>(lse.data<T>(), xc.data<T>(), t, N, V, ignore_index);
+  });
+  if (autograd::needs_graph({&logits})) {
+    autograd::record("cross_entropy", out, {logits},
+                     [xs = xc.detach(), lse, tc, N, V, ignore_index](const Tensor& g, const std::vector<char>&) {
+                       Tensor dx = Tensor::empty(xs.shape(), xs.dtype());
+                       detail::dispatch_float(xs.dtype(), "cross_entropy backward", [&]<class T>() {
+                         kernels::cpu::cross_entropy_backward<T>(dx.data<T>(), g.data<T>()[0], xs.data<T>(),
+                                                                 lse.data<T>(), tc.data<int32_t>(), N, V,
+                                                                 ignore_index);
+                       });
+                       return std::vector<Tensor>{dx};
+                     });
+  }
+  return out;
+}
+
+}  // namespace moa
