@@ -114,3 +114,22 @@ TEST_CASE("autograd: backward of a leaf itself, and of views of a leaf") {
   sum(x.t().narrow(0, 1, 2) * c).backward();
   CHECK(x.grad().to_vector<double>() == std::vector<double>{0, 1, 2, 0, 1, 2});
 }
+
+TEST_CASE("autograd: a forward + backward repeats bitwise with the same seed and thread count") {
+  auto run = [] {
+    Generator g(77);
+    Tensor x = Tensor::randn({33, 64}, g);
+    Tensor w1 = Tensor::randn({128, 64}, g, DType::f32, 0.0, 0.1).set_requires_grad();
+    Tensor w2 = Tensor::randn({16, 128}, g, DType::f32, 0.0, 0.1).set_requires_grad();
+    Generator gd(5);
+    Tensor h = dropout(gelu(linear(x, w1)), 0.1, gd);
+    Tensor loss = mean(linear(h, w2) * linear(h, w2));
+    loss.backward();
+    return std::make_tuple(loss.item<float>(), w1.grad().to_vector<float>(), w2.grad().to_vector<float>());
+  };
+  const auto a = run();
+  const auto b = run();
+  CHECK(std::get<0>(a) == std::get<0>(b));
+  CHECK(std::get<1>(a) == std::get<1>(b));
+  CHECK(std::get<2>(a) == std::get<2>(b));
+}
