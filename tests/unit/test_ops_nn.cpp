@@ -12,14 +12,17 @@
 
 #include "moa/autograd/gradcheck.hpp"
 #include "moa/core/tensor.hpp"
+#include "moa/kernels/cpu/attention.hpp"
 #include "moa/kernels/cpu/cross_entropy.hpp"
 #include "moa/kernels/cpu/embedding.hpp"
 #include "moa/kernels/cpu/norm.hpp"
 #include "moa/kernels/cpu/softmax.hpp"
+#include "moa/kernels/reference/attention.hpp"
 #include "moa/kernels/reference/cross_entropy.hpp"
 #include "moa/kernels/reference/embedding.hpp"
 #include "moa/kernels/reference/norm.hpp"
 #include "moa/kernels/reference/softmax.hpp"
+#include "moa/ops/attention.hpp"
 #include "moa/ops/embedding.hpp"
 #include "moa/ops/loss.hpp"
 #include "moa/ops/norm.hpp"
@@ -502,4 +505,148 @@ TEST_CASE("cross_entropy: bad inputs") {
                                 {"cross_entropy", "targets", "i32", "f32"});
   check_throws<moa::ValueError>([&] { moa::cross_entropy(Tensor::zeros({2, 3}, DType::i32), t); },
                                 {"cross_entropy", "logits", "i32"});
+}
+
+// ---------------------------------------------------------------------------------------------
+// causal_attention
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("attention kernels: cpu matches reference (MHA, GQA, Tq < Tk, odd sizes)") {
+  namespace ref = moa::kernels::reference;
+  namespace cpu = moa::kernels::cpu;
+  struct Case {
+    int64_t B, Hq, Hkv, Tq, Tk, D;
+  };
+  const Case cases[] = {{1, 1, 1, 1, 1, 1},    {2, 4, 2, 7, 7, 8},     {1, 2, 2, 33, 33, 7},  {1, 4, 1, 257, 257, 16},
+                        {2, 3, 3, 5, 12, 4},   {1, 2, 1, 65, 130, 33}, {1, 1, 1, 129, 129, 1}, {3, 4, 2, 1, 257, 7},
+                        {1, 8, 2, 100, 100, 64}};
+  Generator gen(10);
+  for (const Case& c : cases) {
+    CAPTURE(c.B);
+    CAPTURE(c.Hq);
+    CAPTURE(c.Hkv);
+    CAPTURE(c.Tq);
+    CAPTURE(c.Tk);
+    CAPTURE(c.D);
+    const int64_t nq = c.B * c.Hq * c.Tq * c.D, nk = c.B * c.Hkv * c.Tk * c.D, nl = c.B * c.Hq * c.Tq;
+    const auto q = randn_vec(nq, gen), k = randn_vec(nk, gen), v = randn_vec(nk, gen), dy = randn_vec(nq, gen);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c.D)) * 1.7f;
+    std::vector<float> o0(nq), o1(nq), l0(nl), l1(nl);
+    ref::attention_forward(o0.data(), l0.data(), q.data(), k.data(), v.data(), c.B, c.Hq, c.Hkv, c.Tq, c.Tk, c.D, scale);
+    cpu::attention_forward(o1.data(), l1.data(), q.data(), k.data(), v.data(), c.B, c.Hq, c.Hkv, c.Tq, c.Tk, c.D, scale);
+    check_close(o1, o0, 1e-5, 1e-4, "attention out");
+    check_close(l1, l0, 1e-5, 1e-5, "attention lse");
+    std::vector<float> dq0(nq), dq1(nq), dk0(nk), dk1(nk, 5.0f), dv0(nk), dv1(nk, 5.0f);  // dk, dv are written
+    ref::attention_backward(dq0.data(), dk0.data(), dv0.data(), dy.data(), q.data(), k.data(), v.data(), o0.data(),
+                            l0.data(), c.B, c.Hq, c.Hkv, c.Tq, c.Tk, c.D, scale);
+    cpu::attention_backward(dq1.data(), dk1.data(), dv1.data(), dy.data(), q.data(), k.data(), v.data(), o0.data(),
+                            l0.data(), c.B, c.Hq, c.Hkv, c.Tq, c.Tk, c.D, scale);
+    check_close(dq1, dq0, 2e-5, 1e-3, "attention dq");
+    check_close(dk1, dk0, 2e-5, 1e-3, "attention dk");
+    check_close(dv1, dv0, 2e-5, 1e-3, "attention dv");
+    // Only some gradients wanted.
+    std::vector<float> dv2(nk);
+    cpu::attention_backward<float>(nullptr, nullptr, dv2.data(), dy.data(), q.data(), k.data(), v.data(), o0.data(),
+                                   l0.data(), c.B, c.Hq, c.Hkv, c.Tq, c.Tk, c.D, scale);
+    check_close(dv2, dv1, 0.0, 0.0, "attention dv alone");
+  }
+}
+
+TEST_CASE("causal_attention: values against an independent formula, by hand, and KV-cache consistency") {
+  // Independent formula: scores, a -inf mask and moa::softmax, then a weighted sum, in double.
+  Generator gen(11);
+  const int64_t B = 2, Hq = 4, Hkv = 2, T = 5, D = 3;
+  Tensor q = Tensor::randn({B, Hq, T, D}, gen, DType::f64);
+  Tensor k = Tensor::randn({B, Hkv, T, D}, gen, DType::f64);
+  Tensor v = Tensor::randn({B, Hkv, T, D}, gen, DType::f64);
+  const auto y = moa::causal_attention(q, k, v).to_vector<double>();
+  const auto qv = q.to_vector<double>(), kv = k.to_vector<double>(), vv = v.to_vector<double>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hq; ++h) {
+      const int64_t hk = h / (Hq / Hkv);
+      std::vector<double> sc(T * T);
+      for (int64_t i = 0; i < T; ++i)
+        for (int64_t j = 0; j < T; ++j) {
+          double d = 0;
+          for (int64_t c = 0; c < D; ++c) d += qv[((b * Hq + h) * T + i) * D + c] * kv[((b * Hkv + hk) * T + j) * D + c];
+          sc[i * T + j] = j <= i ? d / std::sqrt(3.0) : -INFINITY;
+        }
+      const auto p = moa::softmax(Tensor::from_vector(sc, {T, T})).to_vector<double>();
+      for (int64_t i = 0; i < T; ++i)
+        for (int64_t c = 0; c < D; ++c) {
+          double o = 0;
+          for (int64_t j = 0; j < T; ++j) o += p[i * T + j] * vv[((b * Hkv + hk) * T + j) * D + c];
+          CHECK(y[((b * Hq + h) * T + i) * D + c] == doctest::Approx(o).epsilon(1e-12));
+        }
+    }
+  // By hand: with q = 0 every visible key weighs the same, so out_i = mean(v_0..v_i).
+  Tensor vh = Tensor::from_vector(std::vector<float>{1, 10, 3, 20, 8, 0}, {1, 1, 3, 2});
+  const auto yh = moa::causal_attention(Tensor::zeros({1, 1, 3, 2}), Tensor::ones({1, 1, 3, 2}), vh).to_vector<float>();
+  const std::vector<float> expected = {1, 10, 2, 15, 4, 10};
+  check_close(yh, expected, 1e-6, 1e-6, "attention by hand");
+  // KV cache: the last Tq queries against all Tk keys = the last Tq rows of full attention.
+  Tensor qf = Tensor::randn({1, 4, 9, 6}, gen), kf = Tensor::randn({1, 2, 9, 6}, gen), vf = Tensor::randn({1, 2, 9, 6}, gen);
+  const auto full = moa::causal_attention(qf, kf, vf).narrow(2, 6, 3).to_vector<float>();
+  const auto tail = moa::causal_attention(qf.narrow(2, 6, 3), kf, vf).to_vector<float>();
+  check_close(tail, full, 1e-6, 1e-5, "attention kv cache");
+  // A custom scale: scale 0 makes every visible key weigh the same.
+  const auto y0 = moa::causal_attention(qf, kf, vf, 0.0).narrow(2, 0, 2).to_vector<float>();
+  const auto v0 = vf.to_vector<float>();
+  CHECK(y0[0] == doctest::Approx(v0[0]));                                // head 0, row 0 = v[0]
+  CHECK(y0[6] == doctest::Approx((v0[0] + v0[6]) / 2).epsilon(1e-5));   // head 0, row 1 = mean(v[0], v[1])
+}
+
+TEST_CASE("causal_attention: gradcheck of q, k, v (MHA, GQA, non-contiguous, Tq < Tk)") {
+  Generator gen(12);
+  // MHA, q/k/v from [B, T, H, D] leaves transposed to [B, H, T, D] (non-contiguous).
+  Tensor q = leaf({2, 5, 2, 3}, gen), k = leaf({2, 5, 2, 3}, gen), v = leaf({2, 5, 2, 3}, gen);
+  check_grad(
+      [](const std::vector<Tensor>& in) {
+        return moa::causal_attention(in[0].transpose(1, 2), in[1].transpose(1, 2), in[2].transpose(1, 2));
+      },
+      {q, k, v});
+  // GQA: Hq = 4, Hkv = 2, with a custom scale.
+  Tensor qg = leaf({1, 4, 6, 3}, gen), kg = leaf({1, 2, 6, 3}, gen), vg = leaf({1, 2, 6, 3}, gen);
+  check_grad([](const std::vector<Tensor>& in) { return moa::causal_attention(in[0], in[1], in[2], 0.8); },
+             {qg, kg, vg});
+  // Query length below key length (KV-cache form), GQA, q a narrow of a bigger leaf.
+  Tensor qb = leaf({1, 4, 7, 2}, gen), kb = leaf({1, 1, 6, 2}, gen), vb = leaf({1, 1, 6, 2}, gen);
+  check_grad([](const std::vector<Tensor>& in) { return moa::causal_attention(in[0].narrow(2, 1, 4), in[1], in[2]); },
+             {qb, kb, vb});
+  // T > 64: several kernel tiles of queries and keys, GQA, in double through the fast kernel.
+  Tensor ql = leaf({1, 2, 66, 2}, gen), kl = leaf({1, 1, 66, 2}, gen), vl = leaf({1, 1, 66, 2}, gen);
+  check_grad([](const std::vector<Tensor>& in) { return moa::causal_attention(in[0], in[1], in[2]); }, {ql, kl, vl});
+}
+
+TEST_CASE("causal_attention: bad inputs") {
+  Tensor q = Tensor::zeros({2, 4, 5, 8}), k = Tensor::zeros({2, 2, 5, 8});
+  check_throws<moa::ShapeError>([&] { moa::causal_attention(q, Tensor::zeros({2, 3, 5, 8}), Tensor::zeros({2, 3, 5, 8})); },
+                                {"causal_attention", "multiple of Hkv", "[2, 4, 5, 8]", "[2, 3, 5, 8]"});
+  check_throws<moa::ShapeError>([&] { moa::causal_attention(q, k, Tensor::zeros({2, 2, 5, 7})); },
+                                {"causal_attention", "k and v of one shape", "[2, 2, 5, 7]"});
+  check_throws<moa::ShapeError>([&] { moa::causal_attention(q, Tensor::zeros({2, 2, 5, 4}), Tensor::zeros({2, 2, 5, 4})); },
+                                {"causal_attention", "[2, Hkv, Tk, 8]", "got [2, 2, 5, 4]"});
+  check_throws<moa::ShapeError>([&] { moa::causal_attention(q, Tensor::zeros({1, 2, 5, 8}), Tensor::zeros({1, 2, 5, 8})); },
+                                {"causal_attention", "[2, Hkv, Tk, 8]", "got [1, 2, 5, 8]"});
+  check_throws<moa::ShapeError>([&] { moa::causal_attention(q, Tensor::zeros({2, 2, 4, 8}), Tensor::zeros({2, 2, 4, 8})); },
+                                {"causal_attention", "Tk >= Tq", "[2, 4, 5, 8]", "[2, 2, 4, 8]"});
+  check_throws<moa::ShapeError>([&] { moa::causal_attention(Tensor::zeros({4, 5, 8}), k, k); },
+                                {"causal_attention", "[B, Hq, Tq, D]", "[4, 5, 8]"});
+  check_throws<moa::ValueError>([&] { moa::causal_attention(q, k.to(DType::f64), k); },
+                                {"causal_attention", "one dtype", "f64"});
+  check_throws<moa::ValueError>([&] { moa::causal_attention(Tensor::zeros({2, 4, 5, 8}, DType::i32), k, k); },
+                                {"causal_attention", "i32"});
+  check_throws<moa::ShapeError>([&] { moa::causal_attention(Tensor::zeros({2, 4, 5, 0}), Tensor::zeros({2, 2, 5, 0}),
+                                                            Tensor::zeros({2, 2, 5, 0})); },
+                                {"causal_attention", "D >= 1"});
+  check_throws<moa::ValueError>([&] { moa::causal_attention(q, k, k, INFINITY); }, {"causal_attention", "scale"});
+  // Empty batch or no queries are fine.
+  CHECK(moa::causal_attention(Tensor::zeros({0, 4, 5, 8}), Tensor::zeros({0, 2, 5, 8}), Tensor::zeros({0, 2, 5, 8}))
+            .shape() == moa::Shape{0, 4, 5, 8});
+  Tensor k0 = Tensor::zeros({1, 2, 3, 8});
+  k0.set_requires_grad();
+  Tensor y0 = moa::causal_attention(Tensor::zeros({1, 2, 0, 8}), k0, k0);
+  CHECK(y0.shape() == moa::Shape{1, 2, 0, 8});
+  y0.backward(Tensor::zeros({1, 2, 0, 8}));
+  CHECK(k0.grad().to_vector<float>() == std::vector<float>(48, 0.0f));
 }

@@ -142,6 +142,18 @@ inline void exp_sub_scale(T* y, const T* x, int64_t n, T m, T scale) {
   for (; i < n; ++i) y[i] = fast_exp<T>(x[i] - m) * scale;
 }
 
+// y[i] = exp(x[i] - m[i]) (y may alias x).
+template <class T>
+inline void exp_sub_each(T* y, const T* x, const T* m, int64_t n) {
+  int64_t i = 0;
+#ifdef MOA_SOFTMAX_AVX2
+  if constexpr (std::is_same_v<T, float>)
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(y + i, exp8_f32(_mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(m + i))));
+#endif
+  for (; i < n; ++i) y[i] = fast_exp<T>(x[i] - m[i]);
+}
+
 template <class T>
 inline T dot(const T* a, const T* b, int64_t n) {
   T s = 0;
