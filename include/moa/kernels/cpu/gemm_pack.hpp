@@ -3,7 +3,9 @@
 // operands cost nothing extra in the inner loop.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 namespace moa::kernels::cpu::detail {
 
@@ -54,7 +56,7 @@ inline void pack_b_panel(bool trans_b, const float* B, int64_t ldb, int64_t k0, 
     for (int64_t k = 0; k < kc; ++k) {
       const float* src = B + (k0 + k) * ldb + j;
       if (nr == NR) {
-        for (int64_t c = 0; c < NR; ++c) dst[k * NR + c] = src[c];
+        std::memcpy(dst + k * NR, src, NR * sizeof(float));
       } else {
         for (int64_t c = 0; c < nr; ++c) dst[k * NR + c] = src[c];
         for (int64_t c = nr; c < NR; ++c) dst[k * NR + c] = 0.0f;
@@ -68,6 +70,39 @@ inline void pack_b_panel(bool trans_b, const float* B, int64_t ldb, int64_t k0, 
     }
     for (int64_t c = nr; c < NR; ++c)
       for (int64_t k = 0; k < kc; ++k) dst[k * NR + c] = 0.0f;
+  }
+}
+
+// Packs micro-panels [q0, q1) of the B block at columns [j0, j0 + nc), rows [k0, k0 + kc):
+// panel q goes to Bp + q * NR * kc. Untransposed B is walked a few rows at a time across all
+// the panels, so that it is read along its rows (a panel-by-panel walk would read one 64-byte
+// piece per row of B, with a row-sized stride). `panel` packs one transposed micro-panel.
+template <int64_t NR, class PanelFn>
+inline void pack_b_block(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kc, int64_t j0, int64_t nc,
+                         int64_t q0, int64_t q1, float* Bp, PanelFn panel) {
+  if (trans_b) {
+    for (int64_t q = q0; q < q1; ++q) panel(trans_b, B, ldb, k0, kc, j0 + q * NR, std::min(NR, nc - q * NR), Bp + q * NR * kc);
+    return;
+  }
+  constexpr int64_t kRows = 8;
+  for (int64_t kb = 0; kb < kc; kb += kRows) {
+    const int64_t kn = std::min(kRows, kc - kb);
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t nr = std::min(NR, nc - q * NR);
+      float* __restrict dst = Bp + q * NR * kc + kb * NR;
+      const float* src = B + (k0 + kb) * ldb + j0 + q * NR;
+      for (int64_t k = 0; k < kn; ++k) {
+        // The same piece of the next group of rows: the hardware prefetcher loses track of this
+        // many row streams.
+        if (kb + kRows + k < kc) __builtin_prefetch(src + (k + kRows) * ldb, 0, 3);
+        if (nr == NR) {
+          std::memcpy(dst + k * NR, src + k * ldb, NR * sizeof(float));
+        } else {
+          for (int64_t c = 0; c < nr; ++c) dst[k * NR + c] = src[k * ldb + c];
+          for (int64_t c = nr; c < NR; ++c) dst[k * NR + c] = 0.0f;
+        }
+      }
+    }
   }
 }
 
