@@ -7,6 +7,7 @@
 
 #include <cstdio>
 #include <string>
+#include <vector>
 
 static_assert(__cplusplus >= 202002L, "moa::moa must give its users C++20");
 #ifndef _OPENMP
@@ -31,6 +32,25 @@ int main() {
   for (long i = 1; i <= n; ++i) sum += i;
   if (sum != n * (n + 1) / 2) {
     std::fprintf(stderr, "OpenMP reduction gave %ld, expected %ld\n", sum, n * (n + 1) / 2);
+    return 1;
+  }
+
+  // The library works from the installed headers: a product and its gradient.
+  // d/dA sum(A B) = row sums of B, for every row of A.
+  try {
+    moa::Generator gen(1);
+    const moa::Tensor a = moa::Tensor::randn({3, 4}, gen).set_requires_grad();
+    const moa::Tensor b = moa::Tensor::from_vector(std::vector<float>{1, 2, 3, 4, 5, 6, 7, 8}, {4, 2});
+    moa::sum(moa::matmul(a, b)).backward();
+    const std::vector<float> g = a.grad().to_vector<float>();
+    for (int r = 0; r < 3; ++r)
+      for (int k = 0; k < 4; ++k)
+        if (g[r * 4 + k] != static_cast<float>(4 * k + 3)) {
+          std::fprintf(stderr, "gradient %d,%d is %f, expected %d\n", r, k, g[r * 4 + k], 4 * k + 3);
+          return 1;
+        }
+  } catch (const moa::Error& e) {
+    std::fprintf(stderr, "%s\n", e.what());
     return 1;
   }
 
