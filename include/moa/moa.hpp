@@ -18,11 +18,16 @@
 #include "moa/kernels/cpu/gemm.hpp"
 #include "moa/kernels/reference/gemm.hpp"
 
+#include "moa/ops/attention.hpp"
 #include "moa/ops/concat.hpp"
 #include "moa/ops/dropout.hpp"
 #include "moa/ops/elementwise.hpp"
+#include "moa/ops/embedding.hpp"
+#include "moa/ops/loss.hpp"
 #include "moa/ops/matmul.hpp"
+#include "moa/ops/norm.hpp"
 #include "moa/ops/reduce.hpp"
+#include "moa/ops/softmax.hpp"
 #include "moa/ops/view.hpp"
 
 #include "moa/optim/adamw.hpp"

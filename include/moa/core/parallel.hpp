@@ -7,6 +7,16 @@
 #include <omp.h>
 #endif
 
+// `#pragma omp simd` (with a reduction) where OpenMP is on, nothing otherwise (no -Wunknown-pragmas).
+#ifdef _OPENMP
+#define MOA_DETAIL_PRAGMA(x) _Pragma(#x)
+#define MOA_OMP_SIMD MOA_DETAIL_PRAGMA(omp simd)
+#define MOA_OMP_SIMD_REDUCE(op, var) MOA_DETAIL_PRAGMA(omp simd reduction(op : var))
+#else
+#define MOA_OMP_SIMD
+#define MOA_OMP_SIMD_REDUCE(op, var)
+#endif
+
 namespace moa {
 
 inline int num_threads() {

@@ -61,4 +61,17 @@ inline Strides broadcast_strides(const Shape& shape, const Strides& strides, con
   return out;
 }
 
+namespace detail {
+
+// The multi-index of flat position `flat` in `shape`, e.g. [1, 3] (for error messages).
+inline std::vector<int64_t> unravel_index(int64_t flat, const Shape& shape) {
+  std::vector<int64_t> idx(shape.size());
+  for (std::size_t d = shape.size(); d-- > 0;) {
+    idx[d] = shape[d] > 0 ? flat % shape[d] : 0;
+    flat = shape[d] > 0 ? flat / shape[d] : 0;
+  }
+  return idx;
+}
+
+}  // namespace detail
 }  // namespace moa

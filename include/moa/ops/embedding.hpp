@@ -12,20 +12,6 @@
 
 namespace moa {
 
-namespace detail {
-
-// The multi-index of flat position `flat` in `shape`, e.g. [1, 3].
-inline std::vector<int64_t> unravel_index(int64_t flat, const Shape& shape) {
-  std::vector<int64_t> idx(shape.size());
-  for (std::size_t d = shape.size(); d-- > 0;) {
-    idx[d] = shape[d] > 0 ? flat % shape[d] : 0;
-    flat = shape[d] > 0 ? flat / shape[d] : 0;
-  }
-  return idx;
-}
-
-}  // namespace detail
-
 // weight: (V, C) f32/f64; ids: i32 of any shape S, each in [0, V). Returns (S..., C).
 inline Tensor embedding(const Tensor& weight, const Tensor& ids) {
   MOA_CHECK(weight.defined() && ids.defined(), ValueError, "embedding: expected a defined weight and ids");

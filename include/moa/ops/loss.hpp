@@ -10,7 +10,6 @@
 #include "moa/autograd/node.hpp"
 #include "moa/core/tensor.hpp"
 #include "moa/kernels/cpu/cross_entropy.hpp"
-#include "moa/ops/embedding.hpp"  // detail::unravel_index
 
 namespace moa {
 

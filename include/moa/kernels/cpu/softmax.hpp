@@ -14,19 +14,6 @@
 #include <immintrin.h>
 #endif
 
-// `#pragma omp simd` (with a reduction) where OpenMP is on, nothing otherwise (no -Wunknown-pragmas).
-// Used by every nn kernel under kernels/cpu; a candidate for moa/core/parallel.hpp.
-#ifndef MOA_OMP_SIMD
-#ifdef _OPENMP
-#define MOA_DETAIL_PRAGMA(x) _Pragma(#x)
-#define MOA_OMP_SIMD MOA_DETAIL_PRAGMA(omp simd)
-#define MOA_OMP_SIMD_REDUCE(op, var) MOA_DETAIL_PRAGMA(omp simd reduction(op : var))
-#else
-#define MOA_OMP_SIMD
-#define MOA_OMP_SIMD_REDUCE(op, var)
-#endif
-#endif
-
 namespace moa::kernels::cpu {
 
 namespace detail {
