@@ -163,3 +163,43 @@ TEST_CASE("tensor: bad input gives moa errors that say what was expected and fou
     CHECK(std::string(e.what()).rfind("[moa.index_error] ", 0) == 0);
   }
 }
+
+TEST_CASE("allocator: freed tensor memory is reused; a repeated training step allocates nothing new") {
+  auto& alloc = detail::CachingHostAllocator::instance();
+  if (!alloc.enabled()) return;  // AddressSanitizer builds bypass the cache on purpose
+  auto& fresh = detail::storage_allocation_counter();
+  const void* first = nullptr;
+  {
+    Tensor t = Tensor::empty({1000, 257});
+    first = t.data_ptr();
+  }
+  const auto before = fresh.load();
+  {
+    Tensor t = Tensor::empty({1000, 257});
+    CHECK(t.data_ptr() == first);
+    CHECK(reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 64 == 0);
+  }
+  CHECK(fresh.load() == before);
+  CHECK(detail::size_class(1) == 64);
+  CHECK(detail::size_class(5000) == 5120);        // 4096 + 1/8 steps of 512
+  CHECK(detail::size_class(1 << 20) == (1 << 20));
+
+  Generator g(3);
+  Tensor x = Tensor::randn({64, 32}, g);
+  Tensor w1 = Tensor::randn({48, 32}, g).set_requires_grad();
+  Tensor w2 = Tensor::randn({8, 48}, g).set_requires_grad();
+  optim::AdamW opt({w1, w2});
+  auto step = [&] {
+    Tensor loss = mean(gelu(linear(gelu(linear(x, w1)), w2)));
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+  };
+  step();
+  step();
+  const auto warm = fresh.load();
+  for (int i = 0; i < 3; ++i) step();
+  CHECK(fresh.load() == warm);
+  empty_cache();
+  CHECK(alloc.cached_bytes() == 0);
+}
