@@ -12,7 +12,8 @@ packages=(
   libopenblas-dev           # bench/: the OpenBLAS baseline
   libeigen3-dev             # bench/: the Eigen baseline
   libomp-dev                # LLVM OpenMP, for clang builds (GCC brings its own libgomp)
-  nlohmann-json3-dev        # JSON (datasets, configs)
+  nlohmann-json3-dev        # JSON (safetensors headers, HF configs and tokenizers, datasets)
+  libcli11-dev              # examples/: the moa command line
 )
 
 if [[ ${1:-} == --list ]]; then
