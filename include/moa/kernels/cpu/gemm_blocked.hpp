@@ -1,11 +1,14 @@
-// Cache-blocked, OpenMP-parallel driver of the float matrix product (GotoBLAS / BLIS loop order:
-// NC columns of B -> KC slice of K -> pack B panel (shared by the threads) -> MC rows of A -> pack A
-// block (per thread) -> NR micro-panels -> MR micro-panels -> microkernel). Generic over the
-// microkernel, which supplies its register tile MR x NR and its block sizes KC, MC, NC.
+// Cache-blocked, OpenMP-parallel driver of the float matrix product. C is cut into jobs (blocks
+// of rows x columns) that the threads take from a shared counter; a job runs the GotoBLAS / BLIS
+// loops over its block: KC slice of K -> MC rows of A (packed) -> NR micro-panels of B (packed on
+// first use) -> MR micro-panels -> microkernel. Generic over the microkernel, which supplies its
+// register tile MR x NR and its block sizes KC, MC, NC.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <thread>
 
 #include "gemm_common.hpp"
 
@@ -20,24 +23,6 @@ constexpr int64_t balanced_block(int64_t total, int64_t max_block, int64_t multi
   return std::min(round_up(ceil_div(total, blocks), multiple), round_up(max_block, multiple));
 }
 
-// Number of row groups tm (a divisor of nt; tn = nt / tm column groups) that minimises the
-// slowest thread's work: its microkernel tiles plus packing its rows of A (about a quarter tile
-// per MR rows). Splitting columns duplicates A packing; splitting rows can leave a ragged share.
-inline int choose_row_groups(int64_t m_units, int64_t n_panels, int nt) {
-  int best = nt;
-  double best_cost = 0.0;
-  for (int tm = nt; tm >= 1; --tm) {
-    if (nt % tm != 0) continue;
-    const int64_t rows = ceil_div(m_units, tm), cols = ceil_div(n_panels, nt / tm);
-    const double cost = static_cast<double>(rows) * (static_cast<double>(cols) + 0.25);
-    if (tm == nt || cost < best_cost) {
-      best = tm;
-      best_cost = cost;
-    }
-  }
-  return best;
-}
-
 inline void prefetch_l1(const void* p) {
 #if defined(__GNUC__)
   __builtin_prefetch(p, 0, 3);
@@ -46,130 +31,100 @@ inline void prefetch_l1(const void* p) {
 #endif
 }
 
-// Prefetches the cache lines of one B micro-panel (packed, or its source rows in B) spread
-// evenly over `steps` calls of fetch(0), fetch(1), ...
+// Prefetches the cache lines of a packed B micro-panel, a slice per call of fetch(0), fetch(1), ...
+// so that it is in L1 when the loop over A micro-panels moves on to it.
 class b_prefetcher {
  public:
   b_prefetcher() = default;
-
-  static b_prefetcher packed(const float* panel, int64_t floats, int64_t steps) {
-    b_prefetcher p;
-    p.base_ = panel;
-    p.rows_ = 1;
-    p.row_lines_ = ceil_div(floats, 16);
-    p.per_step_ = ceil_div(p.row_lines_, steps);
-    return p;
-  }
-
-  // Rows [k0, k0 + kc) x columns [j, j + nr) of op(B), as stored in B.
-  static b_prefetcher source(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kc, int64_t j, int64_t nr,
-                             int64_t steps) {
-    b_prefetcher p;
-    if (nr <= 0) return p;
-    if (!trans_b) {
-      p.base_ = B + k0 * ldb + j;  // kc rows of nr floats
-      p.rows_ = kc;
-      p.row_lines_ = ceil_div(nr, 16);
-    } else {
-      p.base_ = B + j * ldb + k0;  // nr rows of kc floats
-      p.rows_ = nr;
-      p.row_lines_ = ceil_div(kc, 16);
-    }
-    p.ld_ = ldb;
-    p.per_step_ = ceil_div(p.rows_ * p.row_lines_, steps);
-    return p;
-  }
+  b_prefetcher(const float* panel, int64_t floats, int64_t steps)
+      : base_(panel), lines_(ceil_div(floats, 16)), per_step_(ceil_div(lines_, steps)) {}
 
   void fetch(int64_t step) const {
-    const int64_t total = rows_ * row_lines_;
-    const int64_t end = std::min(total, (step + 1) * per_step_);
-    for (int64_t i = step * per_step_; i < end; ++i)
-      prefetch_l1(base_ + (i / row_lines_) * ld_ + (i % row_lines_) * 16);
+    const int64_t end = std::min(lines_, (step + 1) * per_step_);
+    for (int64_t i = step * per_step_; i < end; ++i) prefetch_l1(base_ + i * 16);
   }
 
  private:
   const float* base_ = nullptr;
-  int64_t rows_ = 0, row_lines_ = 0, ld_ = 0, per_step_ = 0;
+  int64_t lines_ = 0, per_step_ = 0;
 };
 
+// Waits, politely, until `counter` reaches `target`.
+inline void spin_until(const std::atomic<int64_t>& counter, int64_t target) {
+  while (counter.load(std::memory_order_acquire) < target) std::this_thread::yield();
+}
+
 // C = alpha * op(A) * op(B) + beta * C on the packed path, with `nthreads` OpenMP threads (1: none).
-// Work is split over rows (or columns) of C only, never over K, and every element of C goes
-// through the same microkernel arithmetic wherever it lands, so the result does not depend on
-// the number of threads. Expects M, N, K > 0.
+// Threads never split K and never wait for each other: each takes whole jobs (blocks of C) and
+// packs the A and B pieces it needs into its own buffers. Every element of C goes through the same
+// microkernel arithmetic whichever thread computes it, so the result is bitwise the same for any
+// thread count and any schedule. Expects M, N, K > 0.
 template <class Ukr>
 inline void sgemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, int nthreads) {
   constexpr int64_t MR = Ukr::MR, NR = Ukr::NR;
   const int64_t kcb = balanced_block(K, Ukr::KC, 1);
-  const int64_t ncb = balanced_block(round_up(N, NR), Ukr::NC, NR);
-  const int64_t b_block = kcb * ncb;
-  // Two B buffers when threaded: packing the next panel never waits for the slowest reader of the
-  // previous one, so one barrier per panel suffices.
-  float* const b_buf = thread_workspace(workspace_slot::pack_b, static_cast<std::size_t>(b_block * (nthreads > 1 ? 2 : 1)));
+  const int64_t k_blocks = ceil_div(K, kcb);
 
-  auto body = [&](int tid, int nt) {
-    // Thread grid: tm groups of rows x tn groups of NR micro-panels.
-    const int64_t m_units = ceil_div(M, MR);
-    const int tm = choose_row_groups(m_units, ceil_div(std::min(ncb, N), NR), nt);
-    const int tn = nt / tm;
-    const int gm = tid % tm, gn = tid / tm;
-    const int64_t m0 = std::min(M, m_units * gm / tm * MR);
-    const int64_t m1 = std::min(M, m_units * (gm + 1) / tm * MR);
-    const int64_t mcb = (m1 > m0) ? balanced_block(m1 - m0, Ukr::MC, MR) : MR;
-    float* const a_buf = thread_workspace(workspace_slot::pack_a, static_cast<std::size_t>(mcb * kcb));
+  // Job grid. One thread: a single row block, so B is packed once. Several: row blocks of at most
+  // 4 * MC rows and enough column blocks for about four jobs per thread, so that a thread slowed
+  // down by other processes does not hold up the whole product.
+  int64_t hb = round_up(M, MR), wmax = Ukr::NC;
+  if (nthreads > 1) {
+    hb = balanced_block(M, 4 * Ukr::MC, MR);
+    const int64_t col_jobs_wanted = ceil_div(4 * nthreads, ceil_div(M, hb));
+    wmax = std::clamp(ceil_div(N, col_jobs_wanted), Ukr::NJ_MIN, Ukr::NC);
+  }
+  const int64_t wb = balanced_block(round_up(N, NR), wmax, NR);
+  const int64_t row_jobs = ceil_div(M, hb), jobs = row_jobs * ceil_div(N, wb);
+  const int64_t mcb = balanced_block(hb, Ukr::MC, MR);
 
-    // With a single row group every thread packs exactly the B micro-panels it uses, so it packs
-    // each one just before its first use (while the previous one computes, its source is being
-    // prefetched) and no barrier is needed. Otherwise the threads share the whole B panel.
-    const bool private_b = (tm == 1);
+  // With a single row block and several jobs, all jobs need the same packed A: it is packed once,
+  // for all of K, into a buffer the threads share (in tasks of a few micro-panels that any thread
+  // may take), instead of once per job.
+  const bool shared_a = row_jobs == 1 && jobs > 1 && nthreads > 1;
+  const int64_t m_panels = ceil_div(M, MR);
+  constexpr int64_t kTaskPanels = 8;
+  const int64_t a_chunks = ceil_div(m_panels, kTaskPanels), a_tasks = shared_a ? k_blocks * a_chunks : 0;
+  const int64_t a_block = m_panels * MR * kcb;  // one K block of the shared packed A
+  float* const a_shared =
+      shared_a ? thread_workspace(workspace_slot::shared_a, static_cast<std::size_t>(k_blocks * a_block)) : nullptr;
 
-    int64_t iter = 0;
-    for (int64_t jc = 0; jc < N; jc += ncb) {
-      const int64_t nc = std::min(ncb, N - jc);
-      const int64_t panels = ceil_div(nc, NR);
-      const int64_t q0 = panels * gn / tn, q1 = panels * (gn + 1) / tn;
-      for (int64_t pc = 0; pc < K; pc += kcb, ++iter) {
-        const int64_t kc = std::min(kcb, K - pc);
-        float* const b_pack = b_buf + (nt > 1 ? (iter & 1) * b_block : 0);
-        if (!private_b) {
-          // Every thread packs its share of the B panel's micro-panels, then waits for the others.
-          Ukr::pack_b(trans_b, B, ldb, pc, kc, jc, nc, panels * tid / nt, panels * (tid + 1) / nt, b_pack);
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
-        }
-        if (m1 <= m0) continue;
-        const update_mode mode = (pc > 0 || beta == 1.0f) ? update_mode::accumulate
-                                 : (beta == 0.0f)        ? update_mode::overwrite
-                                                         : update_mode::scale;
-        for (int64_t ic = m0; ic < m1; ic += mcb) {
-          const int64_t mc = std::min(mcb, m1 - ic);
-          const bool pack_here = private_b && ic == m0;
+  // One job: rows [i0, i1) x columns [j0, j1) of C, all of K.
+  auto run_job = [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, float* a_buf, float* b_buf) {
+    const int64_t nc = j1 - j0, panels = ceil_div(nc, NR);
+    for (int64_t pc = 0, kb = 0; pc < K; pc += kcb, ++kb) {
+      const int64_t kc = std::min(kcb, K - pc);
+      const update_mode mode = (pc > 0 || beta == 1.0f) ? update_mode::accumulate
+                               : (beta == 0.0f)        ? update_mode::overwrite
+                                                       : update_mode::scale;
+      Ukr::pack_b(trans_b, B, ldb, pc, kc, j0, nc, 0, panels, b_buf);
+      for (int64_t ic = i0; ic < i1; ic += mcb) {
+        const int64_t mc = std::min(mcb, i1 - ic);
+        const int64_t steps = ceil_div(mc, MR);
+        const float* a_pack = a_buf;
+        if (shared_a) {
+          a_pack = a_shared + kb * a_block + ic * kc;  // ic is a multiple of MR
+        } else {
           Ukr::pack_a(trans_a, A, lda, ic, mc, pc, kc, a_buf);
-          for (int64_t q = q0; q < q1; ++q) {
-            const int64_t j = jc + q * NR;
-            const int64_t nr = std::min(NR, N - j);
-            float* const bp = b_pack + q * NR * kc;
-            if (pack_here) Ukr::pack_b(trans_b, B, ldb, pc, kc, jc, nc, q, q + 1, b_pack);
-            // What the next micro-panel needs is fetched a slice per microkernel call: its packed
-            // form (from L3 to L1), or when it is packed next, its source in B.
-            const b_prefetcher pf = (q + 1 >= q1) ? b_prefetcher{}
-                                    : pack_here   ? b_prefetcher::source(trans_b, B, ldb, pc, kc, j + NR,
-                                                                         std::min(NR, N - j - NR), ceil_div(mc, MR))
-                                                  : b_prefetcher::packed(bp + NR * kc, NR * kc, ceil_div(mc, MR));
-            int64_t step = 0;
-            for (int64_t ir = 0; ir < mc; ir += MR, ++step) {
-              const int64_t mr = std::min(MR, mc - ir);
-              pf.fetch(step);
-              const float* ap = a_buf + ir * kc;
-              float* cp = C + (ic + ir) * ldc + j;
-              if (mr == MR && nr == NR) {
-                Ukr::run(kc, ap, bp, cp, ldc, alpha, beta, mode);
-              } else {
-                alignas(64) float tile[MR * NR];
-                Ukr::run(kc, ap, bp, tile, NR, 1.0f, 0.0f, update_mode::overwrite);
-                update_tile(tile, NR, mr, nr, cp, ldc, alpha, beta, mode);
-              }
+        }
+        for (int64_t q = 0; q < panels; ++q) {
+          const int64_t j = j0 + q * NR;
+          const int64_t nr = std::min(NR, j1 - j);
+          const float* bp = b_buf + q * NR * kc;
+          const b_prefetcher pf = (q + 1 < panels) ? b_prefetcher(bp + NR * kc, NR * kc, steps) : b_prefetcher{};
+          int64_t step = 0;
+          for (int64_t ir = 0; ir < mc; ir += MR, ++step) {
+            const int64_t mr = std::min(MR, mc - ir);
+            pf.fetch(step);
+            const float* ap = a_pack + ir * kc;
+            float* cp = C + (ic + ir) * ldc + j;
+            if (mr == MR && nr == NR) {
+              Ukr::run(kc, ap, bp, cp, ldc, alpha, beta, mode);
+            } else {
+              alignas(64) float tile[MR * NR];
+              Ukr::run(kc, ap, bp, tile, NR, 1.0f, 0.0f, update_mode::overwrite);
+              update_tile(tile, NR, mr, nr, cp, ldc, alpha, beta, mode);
             }
           }
         }
@@ -177,16 +132,40 @@ inline void sgemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int6
     }
   };
 
-  if (nthreads <= 1) {
-    body(0, 1);
+  std::atomic<int64_t> a_claimed{0}, a_packed{0};
+  // Job j covers row block j % row_jobs and column block j / row_jobs, so that jobs running at
+  // the same time tend to share their rows of A.
+  auto work = [&](auto&& next_job) {
+    if (shared_a) {
+      for (int64_t t = a_claimed.fetch_add(1, std::memory_order_relaxed); t < a_tasks;
+           t = a_claimed.fetch_add(1, std::memory_order_relaxed)) {
+        const int64_t kb = t / a_chunks, p0 = (t % a_chunks) * kTaskPanels;
+        const int64_t pc = kb * kcb, kc = std::min(kcb, K - pc);
+        const int64_t r0 = p0 * MR, r1 = std::min(M, (p0 + kTaskPanels) * MR);
+        Ukr::pack_a(trans_a, A, lda, r0, r1 - r0, pc, kc, a_shared + kb * a_block + r0 * kc);
+        a_packed.fetch_add(1, std::memory_order_release);
+      }
+      spin_until(a_packed, a_tasks);
+    }
+    float* const a_buf =
+        shared_a ? nullptr : thread_workspace(workspace_slot::pack_a, static_cast<std::size_t>(mcb * kcb));
+    float* const b_buf = thread_workspace(workspace_slot::pack_b, static_cast<std::size_t>(wb * kcb));
+    for (int64_t job = next_job(); job < jobs; job = next_job()) {
+      const int64_t i0 = (job % row_jobs) * hb, j0 = (job / row_jobs) * wb;
+      run_job(i0, std::min(M, i0 + hb), j0, std::min(N, j0 + wb), a_buf, b_buf);
+    }
+  };
+
+  if (nthreads <= 1 || jobs <= 1) {
+    int64_t counter = 0;
+    work([&] { return counter++; });
     return;
   }
+  std::atomic<int64_t> counter{0};
 #ifdef _OPENMP
-#pragma omp parallel num_threads(nthreads)
-  body(thread_id(), num_threads());
-#else
-  body(0, 1);
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(nthreads, jobs)))
 #endif
+  work([&] { return counter.fetch_add(1, std::memory_order_relaxed); });
 }
 
 }  // namespace moa::kernels::cpu::detail

@@ -112,7 +112,7 @@ class aligned_buffer {
   std::size_t cap_ = 0;
 };
 
-enum class workspace_slot : int { pack_a = 0, pack_b = 1, small = 2 };
+enum class workspace_slot : int { pack_a = 0, pack_b = 1, shared_a = 2 };
 
 // The calling thread's workspace for `slot`, at least n floats, 64-byte aligned.
 inline float* thread_workspace(workspace_slot slot, std::size_t n) {

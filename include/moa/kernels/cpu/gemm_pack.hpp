@@ -48,9 +48,11 @@ inline void pack_a(bool trans_a, const float* A, int64_t lda, int64_t i0, int64_
 
 // Packs one NR-column micro-panel: columns [j, j + nr) and rows [k0, k0 + kc) of op(B):
 // dst[k * NR + c] = op(B)(k0 + k, j + c), columns past nr set to zero.
+// (prefetch_next: a hint that the next micro-panel follows; this portable version ignores it.)
 template <int64_t NR>
 inline void pack_b_panel(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kc, int64_t j, int64_t nr,
-                         float* __restrict dst) {
+                         float* __restrict dst, bool prefetch_next = false) {
+  (void)prefetch_next;
   if (!trans_b) {
     // op(B) = B: each packed row is a contiguous run of B.
     for (int64_t k = 0; k < kc; ++k) {
@@ -76,12 +78,14 @@ inline void pack_b_panel(bool trans_b, const float* B, int64_t ldb, int64_t k0, 
 // Packs micro-panels [q0, q1) of the B block at columns [j0, j0 + nc), rows [k0, k0 + kc):
 // panel q goes to Bp + q * NR * kc. Untransposed B is walked a few rows at a time across all
 // the panels, so that it is read along its rows (a panel-by-panel walk would read one 64-byte
-// piece per row of B, with a row-sized stride). `panel` packs one transposed micro-panel.
+// piece per row of B, with a row-sized stride). `panel` packs one transposed micro-panel
+// (its last argument says whether a whole next micro-panel follows, to prefetch).
 template <int64_t NR, class PanelFn>
 inline void pack_b_block(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kc, int64_t j0, int64_t nc,
                          int64_t q0, int64_t q1, float* Bp, PanelFn panel) {
   if (trans_b) {
-    for (int64_t q = q0; q < q1; ++q) panel(trans_b, B, ldb, k0, kc, j0 + q * NR, std::min(NR, nc - q * NR), Bp + q * NR * kc);
+    for (int64_t q = q0; q < q1; ++q)
+      panel(trans_b, B, ldb, k0, kc, j0 + q * NR, std::min(NR, nc - q * NR), Bp + q * NR * kc, (q + 2) * NR <= nc);
     return;
   }
   constexpr int64_t kRows = 8;

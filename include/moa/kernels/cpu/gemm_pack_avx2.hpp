@@ -42,8 +42,13 @@ inline void pack_a_avx2_6(bool trans_a, const float* A, int64_t lda, int64_t i0,
   for (int64_t p = 0; p < full; ++p) {
     float* __restrict dst = Ap + p * 6 * kc;
     const float* src = A + (i0 + p * 6) * lda + k0;
+    const float* next = (p + 1 < full) ? src + 6 * lda : nullptr;  // rows of the next micro-panel
     int64_t k = 0;
     for (; k + 8 <= kc; k += 8) {
+      // Six short row streams are too many for the hardware prefetcher: fetch the next panel's
+      // rows one line per row every 16 columns.
+      if (next && (k & 15) == 0)
+        for (int i = 0; i < 6; ++i) _mm_prefetch(reinterpret_cast<const char*>(next + i * lda + k), _MM_HINT_T0);
       __m256 r[8];
       for (int i = 0; i < 6; ++i) r[i] = _mm256_loadu_ps(src + i * lda + k);
       r[6] = _mm256_setzero_ps();
@@ -62,15 +67,18 @@ inline void pack_a_avx2_6(bool trans_a, const float* A, int64_t lda, int64_t i0,
 }
 
 // pack_b_panel<16> with the transposed case (sixteen rows of B^T, contiguous along k) vectorised.
+// With prefetch_next, rows [j + 16, j + 32) of B exist and are fetched along the way.
 inline void pack_b_panel_avx2_16(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kc, int64_t j,
-                                 int64_t nr, float* __restrict dst) {
+                                 int64_t nr, float* __restrict dst, bool prefetch_next) {
   if (!trans_b || nr != 16) {
-    pack_b_panel<16>(trans_b, B, ldb, k0, kc, j, nr, dst);
+    pack_b_panel<16>(trans_b, B, ldb, k0, kc, j, nr, dst, prefetch_next);
     return;
   }
   const float* src = B + j * ldb + k0;
   int64_t k = 0;
   for (; k + 8 <= kc; k += 8) {
+    if (prefetch_next && (k & 15) == 0)
+      for (int i = 16; i < 32; ++i) _mm_prefetch(reinterpret_cast<const char*>(src + i * ldb + k), _MM_HINT_T0);
     for (int h = 0; h < 2; ++h) {
       __m256 r[8];
       for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (8 * h + i) * ldb + k);
