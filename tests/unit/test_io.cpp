@@ -1,0 +1,387 @@
+// Tests of moa/io: safetensors read/write against files of the reference Python package, corrupted
+// files, atomic writes, training checkpoints, llama2.c models, Hugging Face checkpoint folders.
+// Fixtures: tests/fixtures/io (written by gen_io_fixtures.py there).
+#include <doctest/doctest.h>
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "moa/core/half.hpp"
+#include "moa/io/safetensors.hpp"
+#include "test_util.hpp"
+
+namespace fs = std::filesystem;
+using namespace moa;
+using moa::test::check_throws_with;
+
+namespace {
+
+fs::path fixture_dir() { return fs::path(MOA_TEST_FIXTURES) / "io"; }
+
+std::string read_bytes(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  REQUIRE(in.good());
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+void write_bytes(const fs::path& p, const std::string& s) {
+  std::ofstream out(p, std::ios::binary | std::ios::trunc);
+  out.write(s.data(), static_cast<std::streamsize>(s.size()));
+  REQUIRE(out.good());
+}
+nlohmann::json read_json(const fs::path& p) { return nlohmann::json::parse(read_bytes(p)); }
+
+// A fresh directory under the system temp dir, removed at scope exit.
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    static int n = 0;
+    path = fs::temp_directory_path() / ("moa_test_io_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
+    fs::remove_all(path);
+    fs::create_directories(path);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::permissions(path, fs::perms::owner_all, fs::perm_options::add, ec);
+    fs::remove_all(path, ec);
+  }
+  fs::path operator/(const std::string& s) const { return path / s; }
+};
+
+// Installs an io fault hook for one scope: throws when the saver reaches `where`.
+struct FaultAt {
+  explicit FaultAt(std::string where) {
+    io::detail::fault_hook() = [w = std::move(where)](std::string_view at) {
+      if (at == w) throw std::runtime_error("simulated crash at " + std::string(at));
+    };
+  }
+  ~FaultAt() { io::detail::fault_hook() = nullptr; }
+};
+
+std::vector<std::uint32_t> f32_bits_of(const Tensor& t) {
+  std::vector<std::uint32_t> out;
+  for (float v : t.to_vector<float>()) out.push_back(std::bit_cast<std::uint32_t>(v));
+  return out;
+}
+
+bool bitwise_equal(const Tensor& a, const Tensor& b) {
+  if (a.dtype() != b.dtype() || a.shape() != b.shape()) return false;
+  const std::size_t n = static_cast<std::size_t>(a.numel()) * dtype_size(a.dtype());
+  const Tensor ac = a.is_contiguous() ? a : a.contiguous(), bc = b.is_contiguous() ? b : b.contiguous();
+  return n == 0 || std::memcmp(ac.data_ptr(), bc.data_ptr(), n) == 0;
+}
+
+std::string shared_dir() {
+  const char* env = std::getenv("MOA_SHARED_DIR");
+  return env && *env ? std::string(env) : std::string("../shared");
+}
+
+}  // namespace
+
+// ---- 16-bit floats ------------------------------------------------------------------------------
+
+TEST_CASE("half: bf16 and f16 conversions round to nearest even and keep specials") {
+  CHECK(f32_to_bf16_bits(1.0f) == 0x3f80);
+  CHECK(f32_to_bf16_bits(std::bit_cast<float>(0x3f808000u)) == 0x3f80);  // tie -> even
+  CHECK(f32_to_bf16_bits(std::bit_cast<float>(0x3f818000u)) == 0x3f82);  // tie -> even (up)
+  CHECK(f32_to_bf16_bits(std::bit_cast<float>(0x3f808001u)) == 0x3f81);
+  CHECK(std::isnan(bf16_bits_to_f32(f32_to_bf16_bits(std::nanf("")))));
+  CHECK(f32_to_bf16_bits(INFINITY) == 0x7f80);
+  CHECK(f32_to_bf16_bits(std::bit_cast<float>(0x7f7fffffu)) == 0x7f80);  // max float rounds to inf
+  CHECK(f32_to_f16_bits(1.0f) == 0x3c00);
+  CHECK(f32_to_f16_bits(65504.0f) == 0x7bff);
+  CHECK(f32_to_f16_bits(65519.0f) == 0x7bff);
+  CHECK(f32_to_f16_bits(65520.0f) == 0x7c00);
+  CHECK(f32_to_f16_bits(-0.0f) == 0x8000);
+  CHECK(f32_to_f16_bits(0x1.0p-24f) == 0x0001);
+  CHECK(f32_to_f16_bits(0x1.0p-25f) == 0x0000);          // tie -> even (0)
+  CHECK(f32_to_f16_bits(0x1.8p-24f) == 0x0002);          // 1.5 units -> 2 (even)
+  CHECK(f32_to_f16_bits(0x1.ffcp-15f) == 0x0400);        // rounds up into the smallest normal
+  CHECK(f32_to_f16_bits(1.0f + 0x1.0p-11f) == 0x3c00);  // tie -> even
+  CHECK(std::isnan(f16_bits_to_f32(f32_to_f16_bits(std::nanf("")))));
+  // Every f16 survives f16 -> f32 -> f16.
+  for (std::uint32_t h = 0; h < 0x10000; ++h) {
+    const float f = f16_bits_to_f32(static_cast<std::uint16_t>(h));
+    if (std::isnan(f)) continue;
+    REQUIRE(f32_to_f16_bits(f) == h);
+  }
+}
+
+// ---- safetensors: reading the reference package's files ---------------------------------------
+
+TEST_CASE("safetensors: reads every dtype of a file written by the Python package") {
+  const auto expected = read_json(fixture_dir() / "st_mixed.json");
+  const io::SafetensorsData d = io::load_safetensors(fixture_dir() / "st_mixed.safetensors");
+  CHECK(d.tensors.size() == expected["tensors"].size());
+  CHECK(d.metadata == expected["metadata"].get<io::StringMap>());
+  for (const auto& [name, e] : expected["tensors"].items()) {
+    INFO("tensor " << name);
+    REQUIRE(d.tensors.count(name) == 1);
+    const Tensor& t = d.tensors.at(name);
+    CHECK(t.shape() == e["shape"].get<Shape>());
+    const std::string moa_dtype = e["moa"];
+    if (moa_dtype == "f32") {
+      REQUIRE(t.dtype() == DType::f32);
+      CHECK(f32_bits_of(t) == e["bits"].get<std::vector<std::uint32_t>>());
+    } else if (moa_dtype == "f64") {
+      REQUIRE(t.dtype() == DType::f64);
+      const auto v = t.to_vector<double>();
+      const auto bits = e["bits"].get<std::vector<std::string>>();
+      REQUIRE(v.size() == bits.size());
+      for (std::size_t i = 0; i < v.size(); ++i) CHECK(std::bit_cast<std::uint64_t>(v[i]) == std::stoull(bits[i]));
+    } else {
+      REQUIRE(t.dtype() == DType::i32);
+      const auto v = t.to_vector<std::int32_t>();
+      const auto ints = e["ints"].get<std::vector<std::int64_t>>();
+      CHECK(std::vector<std::int64_t>(v.begin(), v.end()) == ints);
+    }
+  }
+  // A 0-d tensor is a scalar; empty tensors have numel 0.
+  CHECK(d.tensors.at("f32.scalar").dim() == 0);
+  CHECK(d.tensors.at("f32.scalar").item<float>() == 3.25f);
+  CHECK(d.tensors.at("f16.empty").numel() == 0);
+}
+
+TEST_CASE("safetensors: the lazy reader lists entries in file order and loads by name") {
+  io::SafetensorsReader r(fixture_dir() / "st_mixed.safetensors");
+  const auto& entries = r.entries();
+  REQUIRE(entries.size() == 12);
+  for (std::size_t i = 1; i < entries.size(); ++i) CHECK(entries[i - 1].end == entries[i].begin);
+  CHECK(r.contains("bf16.vals"));
+  CHECK(r.entry("bf16.vals").dtype == "BF16");
+  CHECK(r.entry("bf16.vals").shape == Shape{4, 4});
+  CHECK(r.entry("i64.pos").dtype == "I64");
+  CHECK(r.metadata().at("format") == "pt");
+
+  // keep_bf16: the raw words, as bf16 storage.
+  const Tensor kept = r.load("bf16.vals", {.keep_bf16 = true});
+  CHECK(kept.dtype() == DType::bf16);
+  const auto words = read_json(fixture_dir() / "st_mixed.json")["tensors"]["bf16.vals"]["bf16_words"]
+                         .get<std::vector<std::uint16_t>>();
+  REQUIRE(words.size() == 16);
+  CHECK(std::memcmp(kept.data_ptr(), words.data(), 32) == 0);
+
+  // Aligned F32 data is a view of the mapping unless a copy is asked for; views are copy-on-write.
+  const Tensor view = r.load("f32.matrix");
+  const Tensor copy = r.load("f32.matrix", {.copy = true});
+  CHECK(view.storage()->nbytes == 48);
+  CHECK(bitwise_equal(view, copy));
+  Tensor again = r.load("f32.matrix");
+  again.fill_(7.0);
+  CHECK(view.to_vector<float>()[0] == 7.0f);  // views of one reader share its mapping
+  CHECK(!bitwise_equal(copy, view));
+  // The mapping is private: the file is unchanged, as another reader shows.
+  CHECK(bitwise_equal(io::load_safetensors(fixture_dir() / "st_mixed.safetensors").tensors.at("f32.matrix"), copy));
+  check_throws_with<IOError>([&] { (void)r.load("nope"); }, {"no tensor named 'nope'", "st_mixed.safetensors"});
+}
+
+TEST_CASE("safetensors: tensors outlive the reader and the mapping") {
+  Tensor t;
+  {
+    io::SafetensorsReader r(fixture_dir() / "st_mixed.safetensors");
+    t = r.load("f32.matrix");
+  }
+  const auto expected = read_json(fixture_dir() / "st_mixed.json")["tensors"]["f32.matrix"]["bits"];
+  CHECK(f32_bits_of(t) == expected.get<std::vector<std::uint32_t>>());
+}
+
+// ---- safetensors: writing -------------------------------------------------------------------------
+
+namespace {
+
+// The tensors of gen_io_fixtures.py's writer_tensors(), from the same formulas.
+io::TensorMap writer_tensors() {
+  io::TensorMap t;
+  std::vector<float> b(12), a(5);
+  for (int i = 0; i < 12; ++i) b[i] = static_cast<float>(i) * 0.5f - 2.0f;
+  for (int i = 0; i < 5; ++i) a[i] = static_cast<float>(i) / 3.0f;
+  t["b.weight"] = Tensor::from_vector(b, {3, 4});
+  t["a.bias"] = Tensor::from_vector(a);
+  t["c.f64"] = Tensor::from_vector(std::vector<double>{0.0, 0.1, 0.2});
+  std::vector<std::int32_t> ids(6);
+  for (int i = 0; i < 6; ++i) ids[i] = i * 7 - 10;
+  t["d.ids"] = Tensor::from_vector(ids, {2, 3});
+  t["e.scalar"] = Tensor::scalar(-1.5);
+  t["f.empty"] = Tensor::empty({0, 4});
+  t["layers.10.w"] = Tensor::full({2}, 10.0);
+  t["layers.9.w"] = Tensor::full({2}, 9.0);
+  t["odd \"name\"/caf\xc3\xa9"] = Tensor::ones({1});
+  return t;
+}
+
+}  // namespace
+
+TEST_CASE("safetensors: the writer produces the reference writer's bytes") {
+  // numpy's 0.1 * 2 is 0.2 exactly as written in the double literal above.
+  CHECK(io::serialize_safetensors(writer_tensors(), {{"format", "pt"}}) ==
+        read_bytes(fixture_dir() / "st_writer_ref.safetensors"));
+  CHECK(io::serialize_safetensors(writer_tensors()) == read_bytes(fixture_dir() / "st_writer_ref_nometa.safetensors"));
+  CHECK(io::serialize_safetensors({}) == read_bytes(fixture_dir() / "st_empty.safetensors"));
+  // Reading a reference file and writing it back gives the same bytes (bf16 kept as bf16).
+  const auto ref = io::load_safetensors(fixture_dir() / "st_writer_ref.safetensors", {.keep_bf16 = true});
+  CHECK(io::serialize_safetensors(ref.tensors, ref.metadata) == read_bytes(fixture_dir() / "st_writer_ref.safetensors"));
+}
+
+TEST_CASE("safetensors: round trips are bitwise, for views, bf16 and several metadata keys") {
+  TempDir tmp;
+  Generator gen(42);
+  io::TensorMap t;
+  t["w"] = Tensor::randn({7, 5}, gen);
+  t["w_t"] = Tensor::randn({4, 6}, gen).t();  // a transposed view: written in logical order
+  t["narrow"] = Tensor::randn({5, 8}, gen).narrow(1, 2, 3);
+  t["f64"] = Tensor::randn({3, 2, 2}, gen, DType::f64);
+  t["ids"] = Tensor::from_vector(std::vector<std::int32_t>{1, -2, 3});
+  t["scalar"] = Tensor::scalar(0.25);
+  t["empty"] = Tensor::empty({3, 0, 2});
+  Tensor bf = Tensor::empty({9}, DType::bf16);
+  std::vector<float> src(9);
+  for (int i = 0; i < 9; ++i) src[i] = static_cast<float>(i) * 0.3f - 1.0f;
+  f32_to_bf16(src.data(), static_cast<std::uint16_t*>(bf.data_ptr()), 9);
+  t["bf"] = bf;
+  const io::StringMap meta = {{"format", "pt"}, {"b", "two"}, {"a", "line\nbreak \"quoted\""}};
+  const fs::path p = tmp / "rt.safetensors";
+  io::save_safetensors(p, t, meta);
+
+  const auto back = io::load_safetensors(p, {.keep_bf16 = true});
+  CHECK(back.metadata == meta);
+  REQUIRE(back.tensors.size() == t.size());
+  for (const auto& [name, v] : t) {
+    INFO(name);
+    CHECK(bitwise_equal(back.tensors.at(name), v));
+  }
+  // Without keep_bf16 the bf16 tensor widens exactly.
+  const auto widened = io::load_safetensors(p).tensors.at("bf").to_vector<float>();
+  for (int i = 0; i < 9; ++i) CHECK(widened[i] == bf16_bits_to_f32(f32_to_bf16_bits(src[i])));
+  // No temporary file is left behind.
+  int files = 0;
+  for (const auto& e : fs::directory_iterator(tmp.path)) files += e.is_regular_file();
+  CHECK(files == 1);
+}
+
+TEST_CASE("safetensors: a failed save leaves the previous file intact") {
+  TempDir tmp;
+  const fs::path p = tmp / "model.safetensors";
+  io::TensorMap v1 = {{"x", Tensor::full({4}, 1.0)}};
+  io::save_safetensors(p, v1);
+  const std::string before = read_bytes(p);
+  {
+    FaultAt fault("safetensors.data");  // after the header, before the data
+    CHECK_THROWS_AS(io::save_safetensors(p, {{"x", Tensor::full({400}, 2.0)}}), std::runtime_error);
+  }
+  CHECK(read_bytes(p) == before);
+  int files = 0;
+  for (const auto& e : fs::directory_iterator(tmp.path)) files += e.is_regular_file();
+  CHECK(files == 1);  // the temporary was removed
+  // A directory we cannot write to: IOError naming the target, nothing changed.
+  if (::geteuid() != 0) {
+    const fs::path ro = tmp / "ro";
+    fs::create_directory(ro);
+    io::save_safetensors(ro / "m.safetensors", v1);
+    fs::permissions(ro, fs::perms::owner_read | fs::perms::owner_exec);
+    check_throws_with<IOError>([&] { io::save_safetensors(ro / "m.safetensors", {{"y", Tensor::ones({2})}}); },
+                               {"save_safetensors", "m.safetensors"});
+    fs::permissions(ro, fs::perms::owner_all);
+    CHECK(io::load_safetensors(ro / "m.safetensors").tensors.count("x") == 1);
+  }
+  // Bad input is refused before anything is written.
+  check_throws_with<ValueError>([&] { io::save_safetensors(p, {{"__metadata__", Tensor::ones({1})}}); },
+                                {"__metadata__"});
+  check_throws_with<ValueError>([&] { io::save_safetensors(p, {{"u", Tensor()}}); }, {"'u' is undefined"});
+  CHECK(read_bytes(p) == before);
+}
+
+// ---- safetensors: corrupted files -------------------------------------------------------------------
+
+namespace {
+
+// A file with a hand-written header (padded as given) and `data_bytes` zero bytes of data.
+std::string st_file(const std::string& header, std::size_t data_bytes) {
+  std::string s(8, '\0');
+  const std::uint64_t n = header.size();
+  std::memcpy(s.data(), &n, 8);
+  return s + header + std::string(data_bytes, '\0');
+}
+
+void expect_corrupt(const TempDir& tmp, const std::string& bytes, const std::vector<std::string>& fragments) {
+  const fs::path p = tmp / "bad.safetensors";
+  write_bytes(p, bytes);
+  std::vector<std::string> f = fragments;
+  f.push_back("bad.safetensors");
+  check_throws_with<IOError>([&] { io::SafetensorsReader r(p); }, f);
+}
+
+}  // namespace
+
+TEST_CASE("safetensors: corrupted and truncated files are refused with a clear IOError") {
+  TempDir tmp;
+  const std::string good = read_bytes(fixture_dir() / "st_writer_ref.safetensors");
+  const std::string x2 = R"("x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]})";
+
+  expect_corrupt(tmp, "", {"too short", "at least 8 bytes", "got 0"});
+  expect_corrupt(tmp, good.substr(0, 7), {"too short", "got 7"});
+  expect_corrupt(tmp, good.substr(0, 20), {"beyond the end of the file"});
+  std::string huge = good;
+  const std::uint64_t big = 200'000'000;
+  std::memcpy(huge.data(), &big, 8);
+  expect_corrupt(tmp, huge, {"exceeds the limit"});
+  // Truncated data, trailing bytes.
+  expect_corrupt(tmp, good.substr(0, good.size() - 1), {"truncated"});
+  expect_corrupt(tmp, good + "x", {"trailing bytes"});
+  // JSON.
+  expect_corrupt(tmp, st_file("{\"x\":{", 0), {"malformed JSON header"});
+  expect_corrupt(tmp, st_file("[1,2]", 0), {"must be a JSON object", "array"});
+  expect_corrupt(tmp, st_file(std::string("{") + x2 + std::string("}\0\0", 3), 8), {"malformed JSON header", "NUL"});
+  expect_corrupt(tmp, st_file("{\"\xff\":1}", 0), {"malformed JSON header"});
+  // Entries.
+  expect_corrupt(tmp, st_file(R"({"x":{"dtype":"F33","shape":[2],"data_offsets":[0,8]}})", 8),
+                 {"unknown dtype 'F33'", "'x'"});
+  expect_corrupt(tmp, st_file(R"({"x":{"dtype":"F32","data_offsets":[0,8]}})", 8), {"no field 'shape'"});
+  expect_corrupt(tmp, st_file(R"({"x":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8),
+                 {"non-negative integers"});
+  expect_corrupt(tmp, st_file(R"({"x":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}})", 8),
+                 {"non-negative integers"});
+  expect_corrupt(tmp, st_file(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8,9]}})", 8),
+                 {"data_offsets must be two"});
+  expect_corrupt(tmp, st_file(R"({"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8),
+                 {"'x' (F32 [3]) needs 12 bytes", "span 8"});
+  expect_corrupt(tmp, st_file(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8),
+                 {"'x' has data_offsets [4, 8], expected it to begin at 0"});
+  expect_corrupt(tmp,
+                 st_file(std::string("{") + x2 + R"(,"y":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8),
+                 {"'y' has data_offsets [4, 8], expected it to begin at 8"});
+  expect_corrupt(tmp, st_file(R"({"x":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}})", 8), {"'x'"});
+  expect_corrupt(tmp, st_file(R"({"x":{"dtype":"F32","shape":[4294967296,4294967296,4],"data_offsets":[0,8]}})", 8),
+                 {"overflows"});
+  expect_corrupt(tmp, st_file(R"({"__metadata__":{"a":1}})", 0), {"__metadata__ value for 'a' must be a string"});
+  expect_corrupt(tmp, st_file(R"({"__metadata__":[]})", 0), {"__metadata__ must be an object"});
+  expect_corrupt(tmp, st_file("{}", 1), {"trailing bytes"});
+
+  // What the reference accepts, we accept: padding before/after, extra fields, null metadata,
+  // an odd header length (unaligned data: then F32 is copied, not viewed).
+  for (const std::string& h : {std::string(" {") + x2 + "}", std::string("{") + x2 + "}  ",
+                               std::string(R"({"__metadata__":null,"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"extra":1}})")}) {
+    const fs::path p = tmp / "ok.safetensors";
+    write_bytes(p, st_file(h, 8));
+    const auto d = io::load_safetensors(p);
+    REQUIRE(d.tensors.count("x") == 1);
+    CHECK(d.tensors.at("x").to_vector<float>() == std::vector<float>{0.0f, 0.0f});
+  }
+  // A dtype the spec knows but moa does not load: listed, and a ValueError on load.
+  const fs::path p = tmp / "c64.safetensors";
+  write_bytes(p, st_file(R"({"z":{"dtype":"C64","shape":[1],"data_offsets":[0,8]}})", 8));
+  io::SafetensorsReader r(p);
+  CHECK(r.entry("z").dtype == "C64");
+  check_throws_with<ValueError>([&] { (void)r.load("z"); }, {"'z' has dtype C64", "cannot load"});
+  // A missing file.
+  check_throws_with<IOError>([&] { io::SafetensorsReader r2(tmp / "missing.safetensors"); },
+                             {"cannot open", "missing.safetensors"});
+}
