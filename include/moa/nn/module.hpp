@@ -152,4 +152,21 @@ class Module {
   bool training_ = true;
 };
 
+// A list of submodules named 0, 1, 2, ... (so `blocks.3.attn` resolves through it).
+template <class M>
+class ModuleList : public Module {
+ public:
+  std::shared_ptr<M> push_back(std::shared_ptr<M> m) {
+    items_.push_back(m);
+    return register_module(std::to_string(items_.size() - 1), std::move(m));
+  }
+  std::size_t size() const { return items_.size(); }
+  const std::shared_ptr<M>& operator[](std::size_t i) const { return items_[i]; }
+  auto begin() const { return items_.begin(); }
+  auto end() const { return items_.end(); }
+
+ private:
+  std::vector<std::shared_ptr<M>> items_;
+};
+
 }  // namespace moa::nn

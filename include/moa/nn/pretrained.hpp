@@ -65,10 +65,15 @@ inline Pretrained load_hf_pretrained(const std::filesystem::path& dir) {
   for (auto& [n, t] : ours) {
     MOA_CHECK(is_floating(t.dtype()), ValueError, "load_hf_pretrained: tensor '", n, "' has dtype ", dtype_name(t.dtype()));
   }
+  const std::string where = dir.string() + ": the weights do not fit config.json: ";
   try {
     p.model->load_state_dict(ours, true);
-  } catch (const Error& e) {
-    throw ShapeError(::moa::detail::cat(dir.string(), ": the weights do not fit config.json: ", e.what()));
+  } catch (const ShapeError& e) {
+    throw ShapeError(where + e.what());
+  } catch (const IndexError& e) {
+    throw IndexError(where + e.what());
+  } catch (const ValueError& e) {
+    throw ValueError(where + e.what());
   }
   return p;
 }

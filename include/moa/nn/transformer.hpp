@@ -95,8 +95,8 @@ class TransformerLM : public Module {
     tok_emb = register_module("tok_emb", std::make_shared<Embedding>(c.vocab_size, c.dim, gen, c.init_std));
     if (c.position == PositionKind::learned)
       pos_emb = register_module("pos_emb", std::make_shared<Embedding>(c.max_seq_len, c.dim, gen, c.init_std / 2));
-    for (int64_t i = 0; i < c.n_layers; ++i)
-      blocks.push_back(register_module("blocks." + std::to_string(i), std::make_shared<Block>(c, gen)));
+    auto list = register_module("blocks", std::make_shared<ModuleList<Block>>());
+    for (int64_t i = 0; i < c.n_layers; ++i) blocks.push_back(list->push_back(std::make_shared<Block>(c, gen)));
     if (c.norm == NormKind::layernorm)
       ln_f = register_module("ln_f", std::make_shared<LayerNorm>(c.dim, c.norm_eps, c.norm_bias));
     else
