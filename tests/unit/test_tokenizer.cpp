@@ -1,0 +1,243 @@
+// Tests of the tokenizers: byte-level BPE against GPT-2 / HF references (fixtures written by
+// tests/fixtures/tokenizer/gen_tokenizer_fixtures.py), the pre-tokenisation regexes, the BPE
+// trainer, the llama2.c tokenizer, and bad input.
+#include <doctest/doctest.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "moa/tokenizer/bpe.hpp"
+#include "moa/tokenizer/gpt2_files.hpp"
+#include "moa/tokenizer/hf_json.hpp"
+
+#ifndef MOA_TEST_FIXTURES
+#define MOA_TEST_FIXTURES "tests/fixtures"
+#endif
+
+namespace fs = std::filesystem;
+
+namespace {
+
+nlohmann::json read_json(const fs::path& p) {
+  std::ifstream in(p);
+  REQUIRE_MESSAGE(in.good(), "cannot open fixture ", p.string());
+  return nlohmann::json::parse(in);
+}
+
+fs::path fixtures() { return fs::path(MOA_TEST_FIXTURES) / "tokenizer"; }
+
+// The shared directory: $MOA_SHARED_DIR, else ../shared from here or from the repo root.
+std::optional<fs::path> shared_dir() {
+  std::vector<fs::path> cands;
+  if (const char* e = std::getenv("MOA_SHARED_DIR")) cands.emplace_back(e);
+  cands.emplace_back("../shared");
+  cands.emplace_back(fs::path(MOA_TEST_FIXTURES) / ".." / ".." / ".." / "shared");
+  for (const auto& c : cands)
+    if (fs::is_directory(c / "models")) return c;
+  return std::nullopt;
+}
+
+std::optional<fs::path> gpt2_dir() {
+  auto s = shared_dir();
+  if (!s || !fs::exists(*s / "models" / "gpt2-tokenizer" / "encoder.json")) {
+    MESSAGE("shared GPT-2 tokenizer files not found (set MOA_SHARED_DIR): skipped");
+    return std::nullopt;
+  }
+  return *s / "models" / "gpt2-tokenizer";
+}
+
+const moa::BpeTokenizer& gpt2() {
+  static const moa::BpeTokenizer tok = moa::load_gpt2_tokenizer(*gpt2_dir());
+  return tok;
+}
+
+std::vector<std::int32_t> ids_of(const nlohmann::json& j) { return j.get<std::vector<std::int32_t>>(); }
+
+fs::path temp_dir(const std::string& name) {
+  fs::path d = fs::temp_directory_path() / ("moa_tok_" + name + "_" + std::to_string(std::random_device{}()));
+  fs::create_directories(d);
+  return d;
+}
+
+void write_text(const fs::path& p, const std::string& s) {
+  std::ofstream out(p, std::ios::binary);
+  out << s;
+}
+
+}  // namespace
+
+TEST_CASE("tokenizer: pre-tokenisation regexes match the regex module") {
+  const auto j = read_json(fixtures() / "pretokens.json");
+  const auto& texts = j["texts"];
+  for (auto [key, pat] : {std::pair{"gpt2", moa::SplitPattern::gpt2}, std::pair{"llama3", moa::SplitPattern::llama3},
+                          std::pair{"qwen2", moa::SplitPattern::qwen2}}) {
+    for (std::size_t i = 0; i < texts.size(); ++i) {
+      const std::string text = texts[i].get<std::string>();
+      std::vector<std::string> got;
+      moa::split_pretokens(text, pat, [&](std::string_view p) { got.emplace_back(p); });
+      const auto want = j["pieces"][key][i].get<std::vector<std::string>>();
+      CAPTURE(key);
+      CAPTURE(text);
+      CHECK(got == want);
+    }
+  }
+}
+
+TEST_CASE("tokenizer: GPT-2 encodes every fixture text as the reference does") {
+  if (!gpt2_dir()) return;
+  const auto& tok = gpt2();
+  CHECK(tok.vocab_size() == 50257);
+  CHECK(tok.eos_id() == 50256);
+  CHECK(tok.token_to_id("<|endoftext|>") == 50256);
+  CHECK(tok.token_to_id("Ġthe") == 262);
+  CHECK(tok.id_to_token(262) == "Ġthe");
+  const auto j = read_json(fixtures() / "gpt2_cases.json");
+  for (const auto& c : j["cases"]) {
+    const std::string text = c["text"].get<std::string>();
+    CAPTURE(text);
+    CHECK(tok.encode(text) == ids_of(c["ids"]));
+    CHECK(tok.encode_ordinary(text) == ids_of(c["ordinary_ids"]));
+    CHECK(tok.decode(tok.encode(text)) == text);
+    CHECK(tok.decode(tok.encode_ordinary(text)) == text);
+  }
+}
+
+TEST_CASE("tokenizer: GPT-2 round-trips invalid UTF-8 and random bytes") {
+  if (!gpt2_dir()) return;
+  const auto& tok = gpt2();
+  const std::string bad[] = {std::string("\xff\xfe abc"), std::string("a\x80 b"), std::string("\xe6\x97 x"),
+                             std::string("\xed\xa0\x80 surrogate"), std::string("\xc0\xaf overlong"),
+                             std::string("\xf4\x90\x80\x80 too big"), std::string("end\xe6")};
+  for (const auto& s : bad) CHECK(tok.decode(tok.encode(s)) == s);
+  std::mt19937 rng(7);
+  for (int t = 0; t < 50; ++t) {
+    std::string s(static_cast<std::size_t>(rng() % 200), '\0');
+    for (auto& ch : s) ch = static_cast<char>(rng() & 0xFF);
+    CHECK(tok.decode(tok.encode(s)) == s);
+  }
+  CHECK(tok.encode(std::string_view("\x00", 1)) == std::vector<std::int32_t>{tok.token_to_id("Ā").value()});
+}
+
+TEST_CASE("tokenizer: BOS / EOS options") {
+  if (!gpt2_dir()) return;
+  const auto& tok = gpt2();
+  const auto ids = tok.encode("Hello", {.add_bos = true, .add_eos = true});
+  CHECK(ids == std::vector<std::int32_t>{50256, 15496, 50256});
+}
+
+TEST_CASE("tokenizer: HF tokenizer.json files encode as HF tokenizers does") {
+  for (const char* name : {"hf_gpt2", "hf_llama3", "hf_smollm", "hf_prefix"}) {
+    CAPTURE(name);
+    const auto tok = moa::load_hf_tokenizer(fixtures() / name / "tokenizer.json");
+    const auto j = read_json(fixtures() / name / "cases.json");
+    for (const auto& c : j["cases"]) {
+      const std::string text = c["text"].get<std::string>();
+      CAPTURE(text);
+      CHECK(tok.encode(text) == ids_of(c["ids"]));
+      if (std::string(name) != "hf_prefix") CHECK(tok.decode(tok.encode(text)) == text);
+    }
+  }
+}
+
+TEST_CASE("tokenizer: GPT-2 tokenizer saved as tokenizer.json and as GPT-2 files reloads identically") {
+  if (!gpt2_dir()) return;
+  const auto& tok = gpt2();
+  const fs::path d = temp_dir("save");
+  moa::save_hf_tokenizer(tok, d / "tokenizer.json");
+  moa::save_gpt2_tokenizer(tok, d);
+  const auto a = moa::load_hf_tokenizer(d / "tokenizer.json");
+  const auto b = moa::load_gpt2_tokenizer(d);
+  const auto j = read_json(fixtures() / "gpt2_cases.json");
+  for (const auto& c : j["cases"]) {
+    const std::string text = c["text"].get<std::string>();
+    CHECK(a.encode(text) == ids_of(c["ids"]));
+    CHECK(b.encode(text) == ids_of(c["ids"]));
+  }
+  fs::remove_all(d);
+}
+
+TEST_CASE("tokenizer: bad GPT-2 / tokenizer.json files") {
+  const fs::path d = temp_dir("bad");
+  CHECK_THROWS_AS(moa::load_gpt2_tokenizer(d), moa::IOError);  // missing files
+  write_text(d / "encoder.json", "{\"a\": 0, \"b\": 1, \"ab\": 2");
+  write_text(d / "vocab.bpe", "#version: 0.2\na b\n");
+  CHECK_THROWS_AS(moa::load_gpt2_tokenizer(d), moa::IOError);  // truncated JSON
+  write_text(d / "encoder.json", "{\"a\": 0, \"b\": 1, \"ab\": 2}");
+  CHECK_NOTHROW(moa::load_gpt2_tokenizer(d));
+  write_text(d / "vocab.bpe", "#version: 0.2\na b\na zz\n");
+  try {
+    (void)moa::load_gpt2_tokenizer(d);
+    FAIL("expected an IOError");
+  } catch (const moa::IOError& e) {
+    CHECK(std::string(e.what()).find("unknown token 'zz'") != std::string::npos);
+    CHECK(std::string(e.what()).find("vocab.bpe merge 1") != std::string::npos);
+  }
+  write_text(d / "vocab.bpe", "#version: 0.2\nab\n");
+  CHECK_THROWS_AS(moa::load_gpt2_tokenizer(d), moa::IOError);
+  write_text(d / "encoder.json", "[1, 2]");
+  CHECK_THROWS_AS(moa::load_gpt2_tokenizer(d), moa::IOError);
+
+  write_text(d / "tokenizer.json", "{\"model\": {\"type\": \"Unigram\", \"vocab\": []}}");
+  CHECK_THROWS_AS(moa::load_hf_tokenizer(d / "tokenizer.json"), moa::ValueError);
+  write_text(d / "tokenizer.json", "{\"model\": ");
+  CHECK_THROWS_AS(moa::load_hf_tokenizer(d / "tokenizer.json"), moa::IOError);
+  write_text(d / "tokenizer.json",
+             R"({"normalizer": null, "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "\\w+"}, "behavior": "Isolated"},
+                 "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}})");
+  try {
+    (void)moa::load_hf_tokenizer(d / "tokenizer.json");
+    FAIL("expected a ValueError");
+  } catch (const moa::ValueError& e) {
+    CHECK(std::string(e.what()).find("unsupported regex \\w+") != std::string::npos);
+  }
+  write_text(d / "tokenizer.json",
+             R"({"normalizer": {"type": "NFC"}, "pre_tokenizer": {"type": "ByteLevel"},
+                 "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}})");
+  CHECK_THROWS_AS(moa::load_hf_tokenizer(d / "tokenizer.json"), moa::ValueError);
+  write_text(d / "tokenizer.json",
+             R"({"pre_tokenizer": {"type": "ByteLevel"}, "model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": ["a c"]}})");
+  CHECK_THROWS_AS(moa::load_hf_tokenizer(d / "tokenizer.json"), moa::IOError);
+  fs::remove_all(d);
+}
+
+TEST_CASE("tokenizer: decode of an unknown id names the id and the vocab size") {
+  if (!gpt2_dir()) return;
+  const std::vector<std::int32_t> ids{15496, 50257};
+  try {
+    (void)gpt2().decode(ids);
+    FAIL("expected an IndexError");
+  } catch (const moa::IndexError& e) {
+    const std::string w = e.what();
+    CHECK(w.find("50257") != std::string::npos);
+    CHECK(w.find("vocab size 50257") != std::string::npos);
+  }
+  CHECK_THROWS_AS(gpt2().decode(std::vector<std::int32_t>{-1}), moa::IndexError);
+  CHECK_THROWS_AS(gpt2().id_to_token(60000), moa::IndexError);
+}
+
+TEST_CASE("tokenizer: GPT-2 encodes 1 MB of varied text quickly") {
+  if (!gpt2_dir()) return;
+  const auto j = read_json(fixtures() / "gpt2_cases.json");
+  std::string text;
+  std::mt19937 rng(1);
+  std::vector<std::string> texts;
+  for (const auto& c : j["cases"]) texts.push_back(c["text"].get<std::string>());
+  while (text.size() < (1u << 20)) {
+    text += texts[rng() % texts.size()];
+    text += std::to_string(rng()) + " ";
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto ids = gpt2().encode(text);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  MESSAGE("GPT-2 encode: ", text.size() / 1e6 / s, " MB/s (", ids.size(), " tokens)");
+  CHECK(s < 10.0);  // loose: seconds per MB would mean something went quadratic
+  CHECK(gpt2().decode(ids) == text);
+}
