@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "moa/core/half.hpp"
+#include "moa/io/checkpoint.hpp"
 #include "moa/io/safetensors.hpp"
 #include "test_util.hpp"
 
@@ -292,6 +293,10 @@ TEST_CASE("safetensors: a failed save leaves the previous file intact") {
     fs::permissions(ro, fs::perms::owner_all);
     CHECK(io::load_safetensors(ro / "m.safetensors").tensors.count("x") == 1);
   }
+  // A target whose directory cannot exist (its parent is a file): IOError (works even as root).
+  check_throws_with<IOError>([&] { io::save_safetensors(p / "sub.safetensors", v1); },
+                             {"save_safetensors", "sub.safetensors", "temporary file"});
+  CHECK(read_bytes(p) == before);
   // Bad input is refused before anything is written.
   check_throws_with<ValueError>([&] { io::save_safetensors(p, {{"__metadata__", Tensor::ones({1})}}); },
                                 {"__metadata__"});
@@ -384,4 +389,191 @@ TEST_CASE("safetensors: corrupted and truncated files are refused with a clear I
   // A missing file.
   check_throws_with<IOError>([&] { io::SafetensorsReader r2(tmp / "missing.safetensors"); },
                              {"cannot open", "missing.safetensors"});
+}
+
+// ---- checkpoints ------------------------------------------------------------------------------------
+
+namespace {
+
+struct TinyRun {
+  std::vector<std::string> names = {"layer.weight", "layer.bias", "emb"};
+  std::vector<Tensor> params;
+  optim::AdamW opt;
+  Generator gen;
+
+  static std::vector<Tensor> make_params(std::uint64_t seed) {
+    Generator g(seed);
+    std::vector<Tensor> p = {Tensor::randn({4, 3}, g), Tensor::randn({4}, g), Tensor::randn({5, 2}, g)};
+    for (auto& t : p) t.set_requires_grad();
+    return p;
+  }
+  explicit TinyRun(std::uint64_t seed)
+      : params(make_params(seed)), opt(params, {.lr = 0.01, .beta2 = 0.95, .weight_decay = 0.1}), gen(seed + 1) {}
+
+  // One step with random gradients drawn from gen.
+  void step() {
+    for (auto& p : params) p.set_grad(Tensor::randn(p.shape(), gen));
+    opt.step();
+  }
+  io::TensorMap model() const {
+    io::TensorMap m;
+    for (std::size_t i = 0; i < names.size(); ++i) m[names[i]] = params[i];
+    return m;
+  }
+  io::TrainingCheckpoint checkpoint(std::int64_t step) {
+    return {.model = model(),
+            .optimizer = io::adamw_state(opt, names),
+            .step = step,
+            .rng = io::RngState::of(gen),
+            .metadata = {{"model", {{"dim", 4}, {"name", "tiny"}}}}};
+  }
+};
+
+void check_same_run(TinyRun& a, TinyRun& b) {
+  for (std::size_t i = 0; i < a.params.size(); ++i) {
+    CHECK(bitwise_equal(a.params[i], b.params[i]));
+    CHECK(bitwise_equal(a.opt.exp_avg()[i], b.opt.exp_avg()[i]));
+    CHECK(bitwise_equal(a.opt.exp_avg_sq()[i], b.opt.exp_avg_sq()[i]));
+  }
+  CHECK(a.opt.step_count() == b.opt.step_count());
+  CHECK(a.gen.seed() == b.gen.seed());
+  CHECK(a.gen.offset() == b.gen.offset());
+}
+
+}  // namespace
+
+TEST_CASE("checkpoint: save, resume, and continue bitwise like the uninterrupted run") {
+  TempDir tmp;
+  const fs::path dir = tmp / "ckpt";
+  TinyRun a(11);
+  for (int i = 0; i < 3; ++i) a.step();
+  io::save_checkpoint(dir, a.checkpoint(3));
+  CHECK(fs::exists(dir / "model.safetensors"));
+  CHECK(fs::exists(dir / "optimizer.safetensors"));
+  CHECK(fs::exists(dir / "state.json"));
+  // The weights file is plain safetensors under the parameter names.
+  CHECK(io::SafetensorsReader(dir / "model.safetensors").names().size() == 3);
+
+  // A fresh run with other initial values resumes from the checkpoint.
+  TinyRun b(99);
+  b.opt.config().lr = 123.0;
+  const io::TrainingCheckpoint ck = io::load_checkpoint(dir);
+  CHECK(ck.step == 3);
+  CHECK(ck.metadata["model"]["name"] == "tiny");
+  REQUIRE(ck.optimizer.has_value());
+  CHECK(ck.optimizer->params == a.names);
+  io::copy_into(b.model(), ck.model, "model");
+  io::restore_adamw(b.opt, b.names, *ck.optimizer);
+  ck.rng.apply(b.gen);
+  CHECK(b.opt.config().lr == 0.01);
+  CHECK(b.opt.config().beta2 == 0.95);
+  check_same_run(a, b);
+  for (int i = 0; i < 2; ++i) {
+    a.step();
+    b.step();
+  }
+  check_same_run(a, b);
+
+  // Saving again replaces the checkpoint; no temporary directories are left.
+  io::save_checkpoint(dir, a.checkpoint(5));
+  CHECK(io::load_checkpoint(dir).step == 5);
+  CHECK(std::distance(fs::directory_iterator(tmp.path), fs::directory_iterator()) == 1);
+}
+
+TEST_CASE("checkpoint: without optimizer state, and with a trailing slash") {
+  TempDir tmp;
+  io::TrainingCheckpoint ck;
+  ck.model["w"] = Tensor::full({2, 2}, 3.0);
+  ck.step = 7;
+  ck.rng = {.seed = 0xFFFFFFFFFFFFFFFFull, .offset = 1ull << 60};
+  io::save_checkpoint(tmp.path / "c" / "", ck);
+  const auto back = io::load_checkpoint(tmp / "c");
+  CHECK_FALSE(back.optimizer.has_value());
+  CHECK(!fs::exists(tmp / "c" / "optimizer.safetensors"));
+  CHECK(back.rng == ck.rng);
+  CHECK(back.step == 7);
+  CHECK(back.metadata.is_object());
+}
+
+TEST_CASE("checkpoint: a save that fails at any point leaves the previous checkpoint loadable") {
+  TempDir tmp;
+  const fs::path dir = tmp / "ckpt";
+  TinyRun a(5);
+  a.step();
+  io::save_checkpoint(dir, a.checkpoint(1));
+  const std::string model_bytes = read_bytes(dir / "model.safetensors");
+  a.step();
+  for (bool two_renames : {false, true}) {
+    io::detail::checkpoint_without_exchange() = two_renames;
+    for (const char* where : {"safetensors.data", "checkpoint.model", "checkpoint.optimizer", "checkpoint.before_swap",
+                              "checkpoint.between_renames"}) {
+      INFO("failure at " << where << (two_renames ? " (two renames)" : ""));
+      {
+        FaultAt fault(where);
+        if (!two_renames && std::string(where) == "checkpoint.between_renames") {
+          io::save_checkpoint(dir, a.checkpoint(2));  // not reached with an exchange: the save succeeds
+          io::save_checkpoint(dir, [&] {
+            TinyRun old(5);
+            old.step();
+            return old.checkpoint(1);
+          }());
+          continue;
+        }
+        CHECK_THROWS_AS(io::save_checkpoint(dir, a.checkpoint(2)), std::runtime_error);
+      }
+      const auto ck = io::load_checkpoint(dir);
+      CHECK(ck.step == 1);
+      CHECK(io::serialize_safetensors(ck.model, {{"format", "pt"}}) == model_bytes);
+      // The next save succeeds and cleans up.
+      io::save_checkpoint(dir, a.checkpoint(2));
+      CHECK(io::load_checkpoint(dir).step == 2);
+      CHECK(!fs::exists(io::detail::backup_of(dir)));
+      // Back to the old checkpoint for the next round.
+      TinyRun old(5);
+      old.step();
+      io::save_checkpoint(dir, old.checkpoint(1));
+    }
+  }
+  io::detail::checkpoint_without_exchange() = false;
+  // An impossible location (below a regular file): IOError.
+  CHECK_THROWS_AS(io::save_checkpoint(dir / "model.safetensors" / "x", a.checkpoint(2)), IOError);
+  CHECK(io::load_checkpoint(dir).step == 1);
+  // A read-only parent: IOError, old checkpoint intact.
+  if (::geteuid() != 0) {
+    fs::permissions(tmp.path, fs::perms::owner_read | fs::perms::owner_exec);
+    CHECK_THROWS_AS(io::save_checkpoint(dir, a.checkpoint(2)), IOError);
+    fs::permissions(tmp.path, fs::perms::owner_all);
+    CHECK(io::load_checkpoint(dir).step == 1);
+  }
+}
+
+TEST_CASE("checkpoint: mismatches are reported precisely; foreign directories are not replaced") {
+  TempDir tmp;
+  TinyRun a(3);
+  io::save_checkpoint(tmp / "ckpt", a.checkpoint(0));
+  const auto ck = io::load_checkpoint(tmp / "ckpt");
+  io::TensorMap live = a.model();
+  live.erase("emb");
+  live["extra"] = Tensor::zeros({1});
+  live["layer.bias"] = Tensor::zeros({5});
+  check_throws_with<ShapeError>([&] { io::copy_into(live, ck.model, "model"); },
+                                {"loaded model does not match", "1 missing (extra)", "1 unexpected (emb)",
+                                 "layer.bias: expected [5], got [4]"});
+  std::vector<std::string> wrong = a.names;
+  wrong[2] = "embedding";
+  check_throws_with<ShapeError>([&] { io::restore_adamw(a.opt, wrong, *ck.optimizer); },
+                                {"exp_avg", "missing (embedding)", "unexpected (emb)"});
+
+  // A directory that is not a checkpoint.
+  fs::create_directories(tmp / "mine");
+  write_bytes(tmp / "mine" / "notes.txt", "precious");
+  check_throws_with<IOError>([&] { io::save_checkpoint(tmp / "mine", a.checkpoint(1)); },
+                             {"is not a moa checkpoint", "refusing"});
+  CHECK(read_bytes(tmp / "mine" / "notes.txt") == "precious");
+  // Damaged checkpoints.
+  check_throws_with<IOError>([&] { (void)io::load_checkpoint(tmp / "mine"); }, {"state.json"});
+  write_bytes(tmp / "ckpt" / "state.json", "{\"format\": \"moa.checkpoint\", \"version\": 1}");
+  check_throws_with<IOError>([&] { (void)io::load_checkpoint(tmp / "ckpt"); }, {"missing or invalid field"});
+  fs::remove(tmp / "ckpt" / "state.json");
+  check_throws_with<IOError>([&] { (void)io::load_checkpoint(tmp / "ckpt"); }, {"cannot open", "state.json"});
 }
