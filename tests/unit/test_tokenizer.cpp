@@ -17,6 +17,7 @@
 #include "moa/tokenizer/bpe.hpp"
 #include "moa/tokenizer/gpt2_files.hpp"
 #include "moa/tokenizer/hf_json.hpp"
+#include "moa/tokenizer/llama2c.hpp"
 
 #ifndef MOA_TEST_FIXTURES
 #define MOA_TEST_FIXTURES "tests/fixtures"
@@ -240,4 +241,71 @@ TEST_CASE("tokenizer: GPT-2 encodes 1 MB of varied text quickly") {
   MESSAGE("GPT-2 encode: ", text.size() / 1e6 / s, " MB/s (", ids.size(), " tokens)");
   CHECK(s < 10.0);  // loose: seconds per MB would mean something went quadratic
   CHECK(gpt2().decode(ids) == text);
+}
+
+namespace {
+std::optional<fs::path> tok512() {
+  auto s = shared_dir();
+  if (!s || !fs::exists(*s / "models" / "stories260K" / "tok512.bin")) {
+    MESSAGE("shared tok512.bin not found (set MOA_SHARED_DIR): skipped");
+    return std::nullopt;
+  }
+  return *s / "models" / "stories260K" / "tok512.bin";
+}
+}  // namespace
+
+TEST_CASE("tokenizer: llama2.c tok512.bin encodes as run.c") {
+  const auto path = tok512();
+  if (!path) return;
+  const auto tok = moa::load_llama2c_tokenizer(*path, 512);
+  CHECK(tok.vocab_size() == 512);
+  CHECK(tok.bos_id() == 1);
+  CHECK(tok.eos_id() == 2);
+  CHECK(tok.max_token_length() == 7);
+  CHECK(tok.id_to_token(3) == "<0x00>");
+  const auto j = read_json(fixtures() / "llama2c_cases.json");
+  for (const auto& c : j["cases"]) {
+    const std::string text = c["text"].get<std::string>();
+    CAPTURE(text);
+    const auto ids = tok.encode(text, {.add_bos = true});
+    CHECK(ids == ids_of(c["ids"]));
+    // run.c's decode drops the dummy-prefix space after BOS: the text comes back exactly.
+    CHECK(tok.decode(ids) == text);
+  }
+  const auto with_eos = tok.encode("Hi", {.add_bos = true, .add_eos = true});
+  CHECK(with_eos.back() == 2);
+  std::string streamed;
+  for (std::size_t i = 0; i < with_eos.size(); ++i) streamed += tok.decode_token(with_eos[i], i ? with_eos[i - 1] : -1);
+  CHECK(streamed == "Hi");
+  CHECK(moa::load_llama2c_tokenizer(*path).vocab_size() == 512);
+  CHECK_THROWS_AS(tok.decode(std::vector<std::int32_t>{512}), moa::IndexError);
+}
+
+TEST_CASE("tokenizer: truncated or corrupted llama2.c files") {
+  const auto path = tok512();
+  if (!path) return;
+  std::ifstream in(*path, std::ios::binary);
+  const std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const fs::path d = temp_dir("l2c");
+  auto expect_io = [&](const std::string& bytes, std::int32_t vocab, const std::string& needle) {
+    write_text(d / "tok.bin", bytes);
+    try {
+      (void)moa::load_llama2c_tokenizer(d / "tok.bin", vocab);
+      FAIL("expected an IOError for ", needle);
+    } catch (const moa::IOError& e) {
+      CAPTURE(e.what());
+      CHECK(std::string(e.what()).find(needle) != std::string::npos);
+    }
+  };
+  expect_io(data.substr(0, 2), 512, "tok.bin: expected 4 bytes of max_token_length at offset 0, file ends at 2");
+  // token 0: score at 4, length at 8, "<unk>" at 12..17; token 1's score at 17.
+  expect_io(data.substr(0, 19), 512, "tok.bin: expected 4 bytes of token 1's score at offset 17, file ends at 19");
+  expect_io(data.substr(0, 14), 512, "expected 5 bytes of token 0 at offset 12, file ends at 14");
+  expect_io(data.substr(0, data.size() - 3), 512, "token 511");
+  expect_io(data, 500, "wrong vocab_size");
+  std::string bad = data;
+  bad[8] = '\x7f';  // token 0's length
+  expect_io(bad, 512, "token 0's length");
+  CHECK_THROWS_AS(moa::load_llama2c_tokenizer(d / "missing.bin"), moa::IOError);
+  fs::remove_all(d);
 }

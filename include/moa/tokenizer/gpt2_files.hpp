@@ -107,7 +107,9 @@ inline BpeTokenizer load_gpt2_tokenizer(const std::filesystem::path& encoder_jso
       added.push_back(AddedToken{.content = s, .id = static_cast<std::int32_t>(id)});
     }
   }
-  BpeTokenizer tok(std::move(vocab), std::move(merges), std::move(added), BpeOptions{.name = enc_name});
+  BpeOptions opts;
+  opts.name = enc_name;
+  BpeTokenizer tok(std::move(vocab), std::move(merges), std::move(added), std::move(opts));
   if (auto eot = tok.token_to_id("<|endoftext|>")) {
     tok.set_bos_id(eot);
     tok.set_eos_id(eot);

@@ -119,7 +119,10 @@ inline BpeTokenizer load_hf_tokenizer(const std::filesystem::path& path) {
               ValueError, name, ": expected no normalizer, got ", detail::json_type_of(norm),
               " (not implemented; encoding would differ from the reference)");
 
-    BpeOptions opts{.pre_tokenizer = {}, .ignore_merges = detail::json_get_or(m, "ignore_merges", false), .name = name};
+    BpeOptions opts;
+    opts.pre_tokenizer.clear();
+    opts.ignore_merges = detail::json_get_or(m, "ignore_merges", false);
+    opts.name = name;
     bool byte_level = false;
     detail::parse_pre_tokenizer(j.value("pre_tokenizer", nlohmann::json()), name, opts.pre_tokenizer, byte_level);
     if (!byte_level) byte_level = detail::json_type_of(j.value("decoder", nlohmann::json())) == "ByteLevel";
