@@ -18,6 +18,7 @@
 
 #include "moa/core/half.hpp"
 #include "moa/io/checkpoint.hpp"
+#include "moa/io/llama2c.hpp"
 #include "moa/io/safetensors.hpp"
 #include "test_util.hpp"
 
@@ -576,4 +577,132 @@ TEST_CASE("checkpoint: mismatches are reported precisely; foreign directories ar
   check_throws_with<IOError>([&] { (void)io::load_checkpoint(tmp / "ckpt"); }, {"missing or invalid field"});
   fs::remove(tmp / "ckpt" / "state.json");
   check_throws_with<IOError>([&] { (void)io::load_checkpoint(tmp / "ckpt"); }, {"cannot open", "state.json"});
+}
+
+// ---- llama2.c -----------------------------------------------------------------------------------------
+
+TEST_CASE("llama2c: tiny legacy (separate classifier) and version-1 (shared) files match the HF-layout oracle") {
+  const auto oracle = io::load_safetensors(fixture_dir() / "llama2c_tiny_hf.safetensors").tensors;
+  for (const std::string version : {"v0", "v1"}) {
+    INFO(version);
+    const auto m = io::load_llama2c(fixture_dir() / ("llama2c_tiny_" + version + ".bin"));
+    CHECK(m.config.dim == 8);
+    CHECK(m.config.hidden_dim == 12);
+    CHECK(m.config.n_layers == 2);
+    CHECK(m.config.n_heads == 4);
+    CHECK(m.config.n_kv_heads == 2);
+    CHECK(m.config.vocab_size == 10);
+    CHECK(m.config.seq_len == 3);
+    CHECK(m.config.version == (version == "v0" ? 0 : 1));
+    CHECK(m.config.shared_classifier == (version == "v1"));
+    CHECK(m.weights.size() == 3 + 9 * 2);
+    for (const auto& [name, t] : m.weights) {
+      INFO(name);
+      REQUIRE(oracle.count(version + "." + name) == 1);
+      CHECK(bitwise_equal(t, oracle.at(version + "." + name)));
+    }
+    CHECK(m.weights.at("lm_head.weight").shares_storage_with(m.weights.at("model.embed_tokens.weight")) ==
+          m.config.shared_classifier);
+    CHECK(io::read_llama2c_config(fixture_dir() / ("llama2c_tiny_" + version + ".bin")).dim == 8);
+  }
+  // The file's own (interleaved) layout, and the permutation both ways.
+  const auto raw = io::load_llama2c(fixture_dir() / "llama2c_tiny_v0.bin",
+                                    {.qk_layout = io::RopeLayout::llama2c_interleaved, .copy = true});
+  for (const auto& [name, t] : raw.weights) {
+    INFO(name);
+    CHECK(bitwise_equal(t, oracle.at("raw." + name)));
+  }
+  const Tensor q = raw.weights.at("model.layers.1.self_attn.q_proj.weight");
+  const Tensor k = raw.weights.at("model.layers.1.self_attn.k_proj.weight");
+  CHECK(bitwise_equal(io::permute_for_hf_rope(q, 4), oracle.at("v0.model.layers.1.self_attn.q_proj.weight")));
+  CHECK(bitwise_equal(io::permute_for_hf_rope(k, 2), oracle.at("v0.model.layers.1.self_attn.k_proj.weight")));
+  CHECK(bitwise_equal(io::unpermute_from_hf_rope(io::permute_for_hf_rope(q, 4), 4), q));
+  CHECK(bitwise_equal(io::permute_for_hf_rope(q.t().contiguous().t(), 4), io::permute_for_hf_rope(q, 4)));
+  check_throws_with<ShapeError>([&] { (void)io::permute_for_hf_rope(q, 3); }, {"n_heads times an even head_dim"});
+  const auto hf = io::llama2c_hf_config(raw.config);
+  CHECK(hf["num_key_value_heads"] == 2);
+  CHECK(hf["tie_word_embeddings"] == false);
+}
+
+TEST_CASE("llama2c: stories260K.bin loads with the documented shapes and values") {
+  const fs::path bin = fs::path(shared_dir()) / "models" / "stories260K" / "stories260K.bin";
+  if (!fs::exists(bin)) {
+    MESSAGE("skipped: " << bin << " not found (set MOA_SHARED_DIR)");
+    return;
+  }
+  const auto expected = read_json(fixture_dir() / "llama2c_stories260K.json");
+  CHECK(fs::file_size(bin) == expected["file_size"].get<std::uintmax_t>());
+  const auto m = io::load_llama2c(bin);
+  const auto raw = io::load_llama2c(bin, {.qk_layout = io::RopeLayout::llama2c_interleaved});
+  const auto& c = m.config;
+  const auto& ec = expected["config"];
+  CHECK(c.dim == 64);
+  CHECK(c.hidden_dim == ec["hidden_dim"].get<int64_t>());
+  CHECK(c.n_layers == 5);
+  CHECK(c.n_heads == 8);
+  CHECK(c.n_kv_heads == 4);
+  CHECK(c.vocab_size == 512);
+  CHECK(c.seq_len == 512);
+  CHECK(c.shared_classifier);
+  CHECK(c.version == 0);
+  CHECK(m.weights.size() == 3 + 9 * 5);
+  CHECK(m.weights.at("model.layers.4.self_attn.q_proj.weight").shape() == Shape{64, 64});
+  CHECK(m.weights.at("model.layers.4.self_attn.k_proj.weight").shape() == Shape{32, 64});
+  CHECK(m.weights.at("model.layers.0.mlp.down_proj.weight").shape() == Shape{64, c.hidden_dim});
+  CHECK(m.weights.at("lm_head.weight").shares_storage_with(m.weights.at("model.embed_tokens.weight")));
+  int checked = 0;
+  for (const auto& [key, e] : expected["tensors"].items()) {
+    INFO(key);
+    const auto colon = key.find(':');
+    const auto& weights = key.substr(0, colon) == "hf" ? m.weights : raw.weights;
+    const Tensor& t = weights.at(key.substr(colon + 1));
+    CHECK(t.shape() == e["shape"].get<Shape>());
+    const auto v = t.to_vector<float>();
+    double sum = 0.0;
+    for (float x : v) sum += x;
+    CHECK(sum == doctest::Approx(e["sum"].get<double>()).epsilon(1e-9));
+    const auto idx = e["index"].get<std::vector<std::size_t>>();
+    const auto bits = e["bits"].get<std::vector<std::uint32_t>>();
+    for (std::size_t i = 0; i < idx.size(); ++i) CHECK(std::bit_cast<std::uint32_t>(v[idx[i]]) == bits[i]);
+    ++checked;
+  }
+  CHECK(checked == 48 + 10);
+}
+
+TEST_CASE("llama2c: truncated, padded and absurd files are refused, naming the tensor and the offsets") {
+  TempDir tmp;
+  const std::string v0 = read_bytes(fixture_dir() / "llama2c_tiny_v0.bin");
+  const std::string v1 = read_bytes(fixture_dir() / "llama2c_tiny_v1.bin");
+  const fs::path p = tmp / "m.bin";
+  auto expect = [&](const std::string& bytes, const std::vector<std::string>& fragments) {
+    write_bytes(p, bytes);
+    std::vector<std::string> f = fragments;
+    f.push_back("m.bin");
+    check_throws_with<IOError>([&] { (void)io::load_llama2c(p); }, f);
+  };
+  expect(v0.substr(0, 20), {"too short", "got 20"});
+  expect(v0.substr(0, 40), {"truncated", "model.embed_tokens.weight (llama2.c token_embedding_table, [10, 8])",
+                            "expected at bytes [28, 348)", "the file has 40 bytes"});
+  expect(v0.substr(0, v0.size() - 4), {"truncated", "lm_head.weight (llama2.c wcls", "the file has 4688 bytes"});
+  // 28 + 4 * (80 + 16) = 412: inside layer 0's wq.
+  expect(v0.substr(0, 420), {"truncated", "model.layers.0.self_attn.q_proj.weight (llama2.c wq, layer 0, [8, 8])"});
+  expect(v0 + std::string(8, '\0'), {"8 trailing bytes", "describes a file of 4692 bytes"});
+  expect(v1.substr(0, 100), {"too short", "256 bytes"});
+  expect(v1.substr(0, 300), {"truncated", "input_layernorm.weight (llama2.c rms_att_weight, layer 1"});
+  auto with_header = [](std::string bytes, std::size_t at, std::int32_t value) {
+    std::memcpy(bytes.data() + at, &value, 4);
+    return bytes;
+  };
+  expect(with_header(v0, 0, -8), {"expected positive sizes", "dim=-8"});
+  expect(with_header(v0, 12, 3), {"divisible", "n_heads=3"});
+  expect(with_header(v0, 16, 3), {"divisible", "n_kv_heads=3"});
+  expect(with_header(with_header(v0, 0, 1 << 30), 4, 1 << 30), {"truncated"});
+  expect(with_header(v1, 4, 2), {"version 2", "not supported"});
+  expect(with_header(v1, 4, 7), {"unknown format version 7"});
+  expect(with_header(v1, 28, -10), {"negative vocab_size"});
+
+  const fs::path bin = fs::path(shared_dir()) / "models" / "stories260K" / "stories260K.bin";
+  if (fs::exists(bin)) {
+    expect(read_bytes(bin).substr(0, 500000), {"truncated", "layer", "the file has 500000 bytes"});
+  }
 }
