@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "moa/tokenizer/bpe.hpp"
+#include "moa/tokenizer/bpe_trainer.hpp"
 #include "moa/tokenizer/gpt2_files.hpp"
 #include "moa/tokenizer/hf_json.hpp"
 #include "moa/tokenizer/llama2c.hpp"
@@ -308,4 +309,87 @@ TEST_CASE("tokenizer: truncated or corrupted llama2.c files") {
   expect_io(bad, 512, "token 0's length");
   CHECK_THROWS_AS(moa::load_llama2c_tokenizer(d / "missing.bin"), moa::IOError);
   fs::remove_all(d);
+}
+
+namespace {
+// The training corpus of the trainer tests: the GPT-2 fixture texts, three times.
+std::vector<std::string> trainer_corpus() {
+  const auto j = read_json(fixtures() / "gpt2_cases.json");
+  std::vector<std::string> corpus;
+  for (int r = 0; r < 3; ++r)
+    for (const auto& c : j["cases"]) corpus.push_back(c["text"].get<std::string>());
+  return corpus;
+}
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+}  // namespace
+
+TEST_CASE("tokenizer: BPE trainer is deterministic, reserves special tokens, round-trips, reloads") {
+  const auto corpus = trainer_corpus();
+  const moa::BpeTrainerOptions opts{.vocab_size = 400, .special_tokens = {"<|endoftext|>", "<|pad|>"}};
+  const auto a = moa::train_bpe(corpus, opts);
+  const auto b = moa::train_bpe(corpus, opts);
+  CHECK(a.vocab_size() == 400);
+  CHECK(a.merges() == b.merges());
+  CHECK(a.token_to_id("<|endoftext|>") == 0);
+  CHECK(a.token_to_id("<|pad|>") == 1);
+  CHECK(a.eos_id() == 0);
+  CHECK(a.encode("x<|pad|>y") == std::vector<std::int32_t>{2 + 'x', 1, 2 + 'y'});
+  CHECK(a.id_to_token(2 + ' ') == "Ġ");
+  // The first merge is the most frequent pair of the corpus.
+  CHECK(a.merges().size() == 400 - 258);
+  const fs::path d = temp_dir("train");
+  moa::save_gpt2_tokenizer(a, d);
+  moa::save_hf_tokenizer(a, d / "tokenizer.json");
+  const auto g = moa::load_gpt2_tokenizer(d);
+  const auto h = moa::load_hf_tokenizer(d / "tokenizer.json");
+  for (const auto& text : corpus) {
+    CAPTURE(text);
+    const auto ids = a.encode(text);
+    CHECK(a.decode(ids) == text);
+    CHECK(g.encode(text) == ids);
+    CHECK(h.encode(text) == ids);
+  }
+  CHECK(g.token_to_id("<|pad|>") == 1);
+  // Files are complete and no temporaries are left behind.
+  std::size_t files = 0;
+  for (const auto& e : fs::directory_iterator(d)) files += e.path().filename().string()[0] == '.' ? 100 : 1;
+  CHECK(files == 3);
+  fs::remove_all(d);
+  CHECK_THROWS_AS(moa::train_bpe(corpus, {.vocab_size = 100}), moa::ValueError);
+  CHECK_THROWS_AS(moa::train_bpe(corpus, {.vocab_size = 300, .special_tokens = {"<a>", "<a>"}}), moa::ValueError);
+}
+
+// tests/fixtures/tokenizer/trained/ holds what train_bpe(trainer_corpus(), vocab 400) saved, and
+// cases.json what HF's GPT2Tokenizer and `tokenizers` encode with those files. To regenerate after
+// a deliberate trainer change: MOA_REGEN_TOKENIZER_FIXTURES=1 ./moa_tests -tc='*HF reads*', then
+// python3 tests/fixtures/tokenizer/gen_tokenizer_fixtures.py.
+TEST_CASE("tokenizer: a vocabulary our trainer made: HF reads it and encodes as we do") {
+  const auto corpus = trainer_corpus();
+  const auto tok = moa::train_bpe(corpus, {.vocab_size = 400, .special_tokens = {"<|endoftext|>", "<|pad|>"}});
+  const fs::path dir = fixtures() / "trained";
+  if (std::getenv("MOA_REGEN_TOKENIZER_FIXTURES")) {
+    fs::create_directories(dir);
+    moa::save_gpt2_tokenizer(tok, dir);
+    moa::save_hf_tokenizer(tok, dir / "tokenizer.json");
+    MESSAGE("wrote ", dir.string(), "; now run gen_tokenizer_fixtures.py");
+    return;
+  }
+  const fs::path d = temp_dir("trained");
+  moa::save_gpt2_tokenizer(tok, d);
+  moa::save_hf_tokenizer(tok, d / "tokenizer.json");
+  for (const char* f : {"encoder.json", "vocab.bpe", "tokenizer.json"}) {
+    CAPTURE(f);
+    CHECK(slurp(d / f) == slurp(dir / f));
+  }
+  fs::remove_all(d);
+  const auto j = read_json(dir / "cases.json");
+  for (const auto& c : j["cases"]) {
+    const std::string text = c["text"].get<std::string>();
+    CAPTURE(text);
+    CHECK(tok.encode(text) == ids_of(c["ids"]));
+  }
 }
