@@ -149,14 +149,15 @@ const gemm_fn<double> kGemmDouble = [](bool ta, bool tb, int64_t M, int64_t N, i
 };
 
 // Fixed shapes: degenerate, odd, around the register tiles (4x8, 6x16, 12x32) and past the
-// cache blocks (KC = 256, MC = 128..192, NC = 2048..3072).
+// cache blocks (KC = 256, MC = 128..192, NC = 2048..3072). M = 700 takes the threaded many-rows
+// path (shared B panel, row jobs), M <= 576 the few-rows one (shared A, column jobs).
 struct shape {
   int64_t M, N, K;
 };
 const shape kShapes[] = {
     {1, 1, 1},     {1, 7, 33},     {7, 1, 33},     {7, 33, 1},     {2, 300, 257},  {300, 2, 129},
     {3, 3, 3},     {6, 16, 64},    {12, 32, 256},  {13, 17, 257},  {33, 257, 7},   {257, 33, 65},
-    {25, 49, 600}, {37, 1100, 33}, {150, 70, 300}, {200, 1100, 600}, {20, 3100, 40},
+    {25, 49, 600}, {37, 1100, 33}, {150, 70, 300}, {200, 1100, 600}, {20, 3100, 40}, {700, 333, 290},
 };
 
 // All shapes x all four transposes, cycling through alpha, beta in {0, 1, 0.5} and strides.
@@ -318,7 +319,7 @@ TEST_CASE("sgemm_batched matches per-matrix reference products") {
 TEST_CASE("sgemm is deterministic: repeated runs and different thread counts agree bitwise") {
   std::mt19937 rng(77);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  for (const shape s : {shape{517, 391, 611}, shape{64, 3100, 300}, shape{2, 2000, 300}}) {
+  for (const shape s : {shape{517, 391, 611}, shape{901, 700, 530}, shape{64, 3100, 300}, shape{2, 2000, 300}}) {
     for (int t = 0; t < 4; ++t) {
       const bool ta = (t & 1) != 0, tb = (t & 2) != 0;
       const int64_t M = s.M, N = s.N, K = s.K;

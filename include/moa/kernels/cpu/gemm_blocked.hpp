@@ -54,6 +54,77 @@ inline void spin_until(const std::atomic<int64_t>& counter, int64_t target) {
   while (counter.load(std::memory_order_acquire) < target) std::this_thread::yield();
 }
 
+#ifdef _OPENMP
+// The threaded product for many rows of C: in phases, one per (NC columns, KC slice of K) block.
+// In each phase the threads first pack the B panel together (into one of two shared buffers),
+// then take MC-row jobs dynamically, each packing its own A block and sweeping the whole panel.
+// So A and B are each packed exactly once, whatever the number of threads. One barrier per phase:
+// a thread that finishes its jobs goes on to pack the next panel into the other buffer, and the
+// barrier after that packing also closes the previous phase.
+template <class Ukr>
+inline void sgemm_blocked_phased(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                                 const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+                                 int64_t ldc, int nthreads) {
+  constexpr int64_t MR = Ukr::MR, NR = Ukr::NR;
+  const int64_t kcb = balanced_block(K, Ukr::KC, 1);
+  const int64_t ncb = balanced_block(round_up(N, NR), Ukr::NC, NR);
+  const int64_t mcb = balanced_block(M, Ukr::MC, MR);
+  const int64_t b_block = kcb * ncb;
+  const int64_t k_blocks = ceil_div(K, kcb), n_blocks = ceil_div(N, ncb), m_jobs = ceil_div(M, mcb);
+  const int64_t phases = k_blocks * n_blocks;
+  float* const b_shared = thread_workspace(workspace_slot::shared_b, static_cast<std::size_t>(2 * b_block));
+
+  auto pack_phase = [&](int64_t phase, int tid, int nt) {
+    const int64_t jc = (phase / k_blocks) * ncb, pc = (phase % k_blocks) * kcb;
+    const int64_t nc = std::min(ncb, N - jc), kc = std::min(kcb, K - pc), panels = ceil_div(nc, NR);
+    Ukr::pack_b(trans_b, B, ldb, pc, kc, jc, nc, panels * tid / nt, panels * (tid + 1) / nt,
+                b_shared + (phase & 1) * b_block);
+  };
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int tid = thread_id(), nt = num_threads();
+    float* const a_buf = thread_workspace(workspace_slot::pack_a, static_cast<std::size_t>(mcb * kcb));
+    pack_phase(0, tid, nt);
+#pragma omp barrier
+    for (int64_t phase = 0; phase < phases; ++phase) {
+      const int64_t jc = (phase / k_blocks) * ncb, pc = (phase % k_blocks) * kcb;
+      const int64_t nc = std::min(ncb, N - jc), kc = std::min(kcb, K - pc), panels = ceil_div(nc, NR);
+      const float* const b_pack = b_shared + (phase & 1) * b_block;
+      const update_mode mode = (pc > 0 || beta == 1.0f) ? update_mode::accumulate
+                               : (beta == 0.0f)        ? update_mode::overwrite
+                                                       : update_mode::scale;
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t job = 0; job < m_jobs; ++job) {
+        const int64_t ic = job * mcb, mc = std::min(mcb, M - ic), steps = ceil_div(mc, MR);
+        Ukr::pack_a(trans_a, A, lda, ic, mc, pc, kc, a_buf);
+        for (int64_t q = 0; q < panels; ++q) {
+          const int64_t j = jc + q * NR, nr = std::min(NR, N - j);
+          const float* bp = b_pack + q * NR * kc;
+          const b_prefetcher pf = (q + 1 < panels) ? b_prefetcher(bp + NR * kc, NR * kc, steps) : b_prefetcher{};
+          int64_t step = 0;
+          for (int64_t ir = 0; ir < mc; ir += MR, ++step) {
+            const int64_t mr = std::min(MR, mc - ir);
+            pf.fetch(step);
+            const float* ap = a_buf + ir * kc;
+            float* cp = C + (ic + ir) * ldc + j;
+            if (mr == MR && nr == NR) {
+              Ukr::run(kc, ap, bp, cp, ldc, alpha, beta, mode);
+            } else {
+              alignas(64) float tile[MR * NR];
+              Ukr::run(kc, ap, bp, tile, NR, 1.0f, 0.0f, update_mode::overwrite);
+              update_tile(tile, NR, mr, nr, cp, ldc, alpha, beta, mode);
+            }
+          }
+        }
+      }
+      if (phase + 1 < phases) pack_phase(phase + 1, tid, nt);
+#pragma omp barrier
+    }
+  }
+}
+#endif
+
 // C = alpha * op(A) * op(B) + beta * C on the packed path, with `nthreads` OpenMP threads (1: none).
 // Threads never split K and never wait for each other: each takes whole jobs (blocks of C) and
 // packs the A and B pieces it needs into its own buffers. Every element of C goes through the same
@@ -161,6 +232,12 @@ inline void sgemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int6
     work([&] { return counter++; });
     return;
   }
+#ifdef _OPENMP
+  if (row_jobs > 1) {
+    sgemm_blocked_phased<Ukr>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nthreads);
+    return;
+  }
+#endif
   std::atomic<int64_t> counter{0};
 #ifdef _OPENMP
 #pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(nthreads, jobs)))

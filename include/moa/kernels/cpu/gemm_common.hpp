@@ -112,11 +112,11 @@ class aligned_buffer {
   std::size_t cap_ = 0;
 };
 
-enum class workspace_slot : int { pack_a = 0, pack_b = 1, shared_a = 2 };
+enum class workspace_slot : int { pack_a = 0, pack_b = 1, shared_a = 2, shared_b = 3 };
 
 // The calling thread's workspace for `slot`, at least n floats, 64-byte aligned.
 inline float* thread_workspace(workspace_slot slot, std::size_t n) {
-  thread_local aligned_buffer buffers[3];
+  thread_local aligned_buffer buffers[4];
   return buffers[static_cast<int>(slot)].get(n);
 }
 
