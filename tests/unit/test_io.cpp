@@ -18,6 +18,7 @@
 
 #include "moa/core/half.hpp"
 #include "moa/io/checkpoint.hpp"
+#include "moa/io/hf_checkpoint.hpp"
 #include "moa/io/llama2c.hpp"
 #include "moa/io/safetensors.hpp"
 #include "test_util.hpp"
@@ -705,4 +706,66 @@ TEST_CASE("llama2c: truncated, padded and absurd files are refused, naming the t
   if (fs::exists(bin)) {
     expect(read_bytes(bin).substr(0, 500000), {"truncated", "layer", "the file has 500000 bytes"});
   }
+}
+
+// ---- Hugging Face checkpoint directories --------------------------------------------------------------
+
+TEST_CASE("hf_checkpoint: a sharded bf16 checkpoint from save_pretrained loads as f32 with its config") {
+  const auto expected = io::load_safetensors(fixture_dir() / "hf_tiny_expected.safetensors").tensors;
+  const io::HfCheckpoint c = io::load_hf_checkpoint(fixture_dir() / "hf_tiny_sharded");
+  CHECK(c.config["model_type"] == "llama");
+  CHECK(c.config["hidden_size"] == 8);
+  CHECK(c.files.size() == 3);
+  REQUIRE(c.tensors.size() == expected.size());
+  for (const auto& [name, t] : expected) {
+    INFO(name);
+    REQUIRE(c.tensors.count(name) == 1);
+    CHECK(c.tensors.at(name).dtype() == DType::f32);
+    CHECK(bitwise_equal(c.tensors.at(name), t));
+  }
+}
+
+TEST_CASE("hf_checkpoint: single files, f64, and the errors a user meets") {
+  TempDir tmp;
+  const fs::path d = tmp / "ck";
+  fs::create_directories(d);
+  write_bytes(d / "config.json", R"({"model_type": "gpt2", "n_embd": 4})");
+  io::save_safetensors(d / "model.safetensors", {{"wte.weight", Tensor::ones({3, 4}, DType::f64)},
+                                                 {"ids", Tensor::from_vector(std::vector<std::int32_t>{1, 2})}});
+  auto c = io::load_hf_checkpoint(d);
+  CHECK(c.config["n_embd"] == 4);
+  CHECK(c.tensors.at("wte.weight").dtype() == DType::f32);
+  CHECK(c.tensors.at("ids").dtype() == DType::i32);
+  CHECK(io::load_hf_weights(d, {.f32 = false}).at("wte.weight").dtype() == DType::f64);
+
+  // A sharded index with problems.
+  const fs::path s = tmp / "sharded";
+  fs::create_directories(s);
+  write_bytes(s / "config.json", "{}");
+  io::save_safetensors(s / "a.safetensors", {{"x", Tensor::ones({2})}});
+  write_bytes(s / "model.safetensors.index.json", R"({"weight_map": {"x": "a.safetensors", "y": "a.safetensors"}})");
+  check_throws_with<IOError>([&] { (void)io::load_hf_checkpoint(s); }, {"puts 'y' in", "a.safetensors", "no such tensor"});
+  write_bytes(s / "model.safetensors.index.json", R"({"weight_map": {"x": "b.safetensors"}})");
+  check_throws_with<IOError>([&] { (void)io::load_hf_checkpoint(s); }, {"names the shard", "b.safetensors", "does not exist"});
+  write_bytes(s / "model.safetensors.index.json", R"({"weight_map": {"x": "../a.safetensors"}})");
+  check_throws_with<IOError>([&] { (void)io::load_hf_checkpoint(s); }, {"inside the checkpoint directory"});
+  write_bytes(s / "model.safetensors.index.json", R"({"weights": {}})");
+  check_throws_with<IOError>([&] { (void)io::load_hf_checkpoint(s); }, {"weight_map"});
+  write_bytes(s / "model.safetensors.index.json", R"({"weight_map": {"x": "a.safetensors"}})");
+  CHECK(io::load_hf_checkpoint(s).tensors.size() == 1);
+
+  // PyTorch pickles, no weights, no config, bad config, not a directory.
+  const fs::path pt = tmp / "pt";
+  fs::create_directories(pt);
+  write_bytes(pt / "config.json", "{}");
+  write_bytes(pt / "pytorch_model.bin", "PK");
+  check_throws_with<IOError>([&] { (void)io::load_hf_checkpoint(pt); },
+                             {"only safetensors checkpoints are supported", "save_pretrained", "safe_serialization=True"});
+  fs::remove(pt / "pytorch_model.bin");
+  check_throws_with<IOError>([&] { (void)io::load_hf_checkpoint(pt); }, {"neither model.safetensors"});
+  fs::remove(pt / "config.json");
+  check_throws_with<IOError>([&] { (void)io::load_hf_checkpoint(pt); }, {"has no config.json"});
+  write_bytes(pt / "config.json", "{\"a\": ");
+  check_throws_with<IOError>([&] { (void)io::load_hf_checkpoint(pt); }, {"config.json", "malformed JSON"});
+  check_throws_with<IOError>([&] { (void)io::load_hf_checkpoint(tmp / "nowhere"); }, {"is not a directory"});
 }
