@@ -4,6 +4,8 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <filesystem>
 #include <random>
 #include <string>
 #include <vector>
@@ -11,6 +13,12 @@
 #include "moa/moa.hpp"
 
 namespace moa::test {
+
+// The folder with the shared data and models: $MOA_SHARED_DIR (CTest sets it), else ../shared.
+inline std::filesystem::path shared_dir() {
+  const char* env = std::getenv("MOA_SHARED_DIR");
+  return env && *env ? std::filesystem::path(env) : std::filesystem::path("../shared");
+}
 
 inline std::mt19937& shape_rng() {
   static std::mt19937 rng(20261128);
