@@ -19,6 +19,7 @@
 #include "moa/tokenizer/gpt2_files.hpp"
 #include "moa/tokenizer/hf_json.hpp"
 #include "moa/tokenizer/llama2c.hpp"
+#include "moa/tokenizer/load.hpp"
 
 #ifndef MOA_TEST_FIXTURES
 #define MOA_TEST_FIXTURES "tests/fixtures"
@@ -391,5 +392,21 @@ TEST_CASE("tokenizer: a vocabulary our trainer made: HF reads it and encodes as 
     const std::string text = c["text"].get<std::string>();
     CAPTURE(text);
     CHECK(tok.encode(text) == ids_of(c["ids"]));
+  }
+}
+
+TEST_CASE("tokenizer: load_tokenizer picks the loader by what the path holds") {
+  const auto hf = moa::load_tokenizer(fixtures() / "hf_gpt2");
+  CHECK(dynamic_cast<const moa::BpeTokenizer*>(hf.get()) != nullptr);
+  CHECK(moa::load_tokenizer(fixtures() / "hf_gpt2" / "tokenizer.json")->vocab_size() == hf->vocab_size());
+  const fs::path d = temp_dir("load");
+  CHECK_THROWS_AS(moa::load_tokenizer(d), moa::IOError);
+  CHECK_THROWS_AS(moa::load_tokenizer(d / "nothing"), moa::IOError);
+  fs::remove_all(d);
+  if (auto g = gpt2_dir()) CHECK(moa::load_tokenizer(*g)->vocab_size() == 50257);
+  if (auto t = tok512()) {
+    const auto l = moa::load_tokenizer(*t);
+    CHECK(l->encode("Once upon a time", {.add_bos = true}) == l->encode("Once upon a time", {.add_bos = true}));
+    CHECK(dynamic_cast<const moa::Llama2cTokenizer*>(l.get()) != nullptr);
   }
 }
