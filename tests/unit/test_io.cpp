@@ -495,6 +495,11 @@ TEST_CASE("checkpoint: without optimizer state, and with a trailing slash") {
   CHECK(back.rng == ck.rng);
   CHECK(back.step == 7);
   CHECK(back.metadata.is_object());
+  // Metadata that JSON cannot hold: ValueError, nothing written.
+  ck.metadata = {{"bad", std::string("\xff")}};
+  check_throws_with<ValueError>([&] { io::save_checkpoint(tmp / "c", ck); }, {"metadata cannot be written"});
+  CHECK(io::load_checkpoint(tmp / "c").metadata.empty());
+  CHECK(std::distance(fs::directory_iterator(tmp.path), fs::directory_iterator()) == 1);
 }
 
 TEST_CASE("checkpoint: a save that fails at any point leaves the previous checkpoint loadable") {

@@ -234,6 +234,13 @@ inline void save_checkpoint(const std::filesystem::path& dir_in, const TrainingC
                           {"params", o.params}};
   }
 
+  std::string state_text;
+  try {
+    state_text = state.dump(1) + "\n";
+  } catch (const nlohmann::json::exception& e) {
+    throw ValueError(detail::cat("save_checkpoint: the metadata cannot be written as JSON: ", e.what()));
+  }
+
   const fs::path tmp = detail::temp_sibling(dir);
   fs::create_directory(tmp, ec);
   MOA_CHECK(!ec, IOError, "save_checkpoint: cannot create the temporary directory ", tmp, ": ", ec.message());
@@ -242,7 +249,7 @@ inline void save_checkpoint(const std::filesystem::path& dir_in, const TrainingC
     detail::fault_point("checkpoint.model");
     if (ckpt.optimizer) save_safetensors(tmp / "optimizer.safetensors", opt_tensors, {{"format", "pt"}});
     detail::fault_point("checkpoint.optimizer");
-    detail::write_file_atomic(tmp / "state.json", state.dump(1) + "\n", "save_checkpoint");
+    detail::write_file_atomic(tmp / "state.json", state_text, "save_checkpoint");
     detail::sync_directory(tmp);
     detail::fault_point("checkpoint.before_swap");
     if (!exists) {
