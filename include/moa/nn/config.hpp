@@ -127,7 +127,7 @@ struct TransformerConfig {
       c.init_std = j.value("init_std", 0.02);
       c.dropout = j.value("dropout", 0.0);
     } catch (const nlohmann::json::exception& e) {
-      throw ValueError(detail::cat("TransformerConfig: bad config JSON: ", e.what()));
+      throw ValueError(::moa::detail::cat("TransformerConfig: bad config JSON: ", e.what()));
     }
     c.validate();
     return c;

@@ -51,7 +51,7 @@ class Module {
   Tensor parameter(const std::string& name) const {
     for (auto& [n, t] : named_parameters())
       if (n == name) return t;
-    throw IndexError(detail::cat("module: no parameter named '", name, "'"));
+    throw IndexError(::moa::detail::cat("module: no parameter named '", name, "'"));
   }
 
   // All parameters (detached views sharing storage: saving them copies nothing).

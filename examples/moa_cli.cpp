@@ -1,0 +1,293 @@
+// moa: the command-line tool.
+//   moa generate  --model PATH [--tokenizer PATH] --prompt TEXT [...]   continue prompts
+//   moa tokenize  --tokenizer PATH [--decode]                           ids of stdin's text (or back)
+//   moa train-lm  --data FILE... --out DIR [...]                        train or continue a base model
+// Models: a Hugging Face checkpoint directory (config.json + model.safetensors), a llama2.c .bin,
+// or a moa checkpoint directory written by train-lm.
+#include <CLI/CLI.hpp>
+#include <moa/moa.hpp>
+#include <moa/eval/generate.hpp>
+#include <moa/nn/load.hpp>
+#include <moa/tokenizer/bpe_trainer.hpp>
+#include <moa/tokenizer/gpt2_files.hpp>
+#include <moa/tokenizer/load.hpp>
+#include <moa/train/lm_trainer.hpp>
+
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string read_all(std::istream& in) { return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()}; }
+
+// Documents of a text file (one document) or a JSONL file ("text", or instruction/input/output).
+std::vector<std::string> read_documents(const fs::path& path) {
+  std::ifstream in(path);
+  MOA_CHECK(in.good(), moa::IOError, "cannot open ", path.string());
+  std::vector<std::string> docs;
+  if (path.extension() != ".jsonl") {
+    docs.push_back(read_all(in));
+    return docs;
+  }
+  std::string line;
+  int64_t no = 0;
+  while (std::getline(in, line)) {
+    ++no;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::exception& e) {
+      throw moa::IOError(moa::detail::cat(path.string(), ":", no, ": malformed JSON: ", e.what()));
+    }
+    if (j.contains("text")) {
+      docs.push_back(j["text"].get<std::string>());
+    } else {
+      MOA_CHECK(j.contains("instruction") && j.contains("output"), moa::IOError, path.string(), ":", no,
+                ": expected a \"text\" field or \"instruction\" and \"output\" fields");
+      std::string d = j["instruction"].get<std::string>();
+      if (j.contains("input") && !j["input"].get<std::string>().empty()) d += "\n" + j["input"].get<std::string>();
+      docs.push_back(d + "\n" + j["output"].get<std::string>());
+    }
+  }
+  return docs;
+}
+
+std::unique_ptr<moa::Tokenizer> open_tokenizer(const std::string& flag, const fs::path& hint) {
+  const fs::path p = flag.empty() ? hint : fs::path(flag);
+  MOA_CHECK(!p.empty(), moa::ValueError, "no tokenizer: pass --tokenizer");
+  return moa::load_tokenizer(p);
+}
+
+int cmd_generate(const std::string& model_path, const std::string& tok_path, const std::vector<std::string>& prompts,
+                 const moa::eval::GenerateOptions& opt, const std::string& bos_mode, bool show_ids) {
+  moa::nn::LoadedModel lm = moa::nn::load_model(model_path);
+  const auto tok = open_tokenizer(tok_path, lm.tokenizer_hint);
+  MOA_CHECK(tok->vocab_size() <= lm.model->config().vocab_size, moa::ValueError, "the tokenizer has ", tok->vocab_size(),
+            " tokens, the model only ", lm.model->config().vocab_size);
+  const bool bos = bos_mode == "yes" || (bos_mode == "auto" && tok->bos_id().has_value() && lm.kind != "hf");
+  std::vector<std::vector<int32_t>> ids;
+  for (const auto& p : prompts) ids.push_back(tok->encode(p, {.add_bos = bos}));
+  moa::eval::GenerateOptions o = opt;
+  if (o.stop_tokens.empty()) {
+    if (tok->eos_id()) o.stop_tokens.push_back(*tok->eos_id());
+    if (lm.kind == "llama2c" && tok->bos_id()) o.stop_tokens.push_back(*tok->bos_id());  // as run.c
+  }
+  const auto out = moa::eval::generate(*lm.model, ids, o);
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    std::vector<int32_t> gen = out[i];
+    if (!gen.empty() && std::find(o.stop_tokens.begin(), o.stop_tokens.end(), gen.back()) != o.stop_tokens.end())
+      gen.pop_back();
+    std::string text = prompts[i];
+    int32_t prev = ids[i].back();
+    for (int32_t t : gen) {
+      text += tok->decode_token(t, prev);
+      prev = t;
+    }
+    if (out.size() > 1) std::printf("--- %zu\n", i);
+    std::printf("%s\n", text.c_str());
+    if (show_ids) {
+      for (int32_t t : out[i]) std::printf("%d ", t);
+      std::printf("\n");
+    }
+  }
+  return 0;
+}
+
+int cmd_tokenize(const std::string& tok_path, bool decode) {
+  const auto tok = moa::load_tokenizer(tok_path);
+  const std::string in = read_all(std::cin);
+  if (decode) {
+    std::istringstream ss(in);
+    std::vector<int32_t> ids;
+    for (int64_t v; ss >> v;) ids.push_back(static_cast<int32_t>(v));
+    std::fwrite(tok->decode(ids).data(), 1, tok->decode(ids).size(), stdout);
+    return 0;
+  }
+  const auto ids = tok->encode(in);
+  for (std::size_t i = 0; i < ids.size(); ++i) std::printf(i ? " %d" : "%d", ids[i]);
+  std::printf("\n");
+  return 0;
+}
+
+struct TrainArgs {
+  std::vector<std::string> data;
+  std::string out, model, tokenizer, family = "llama";
+  int64_t vocab_size = 4096, dim = 128, layers = 4, heads = 4, kv_heads = 0, context = 256;
+  int64_t steps = 1000, batch = 8, seq_len = 128, grad_accum = 1, warmup = 50, eval_every = 100,
+          checkpoint_every = 200, log_every = 10;
+  double lr = 1e-3, min_lr = 1e-4, weight_decay = 0.1, clip = 1.0, val_fraction = 0.05;
+  std::uint64_t seed = 1;
+};
+
+int cmd_train_lm(const TrainArgs& a) {
+  const fs::path out = a.out;
+  fs::create_directories(out);
+  std::vector<std::string> docs;
+  for (const auto& f : a.data) {
+    auto d = read_documents(f);
+    docs.insert(docs.end(), d.begin(), d.end());
+  }
+  MOA_CHECK(!docs.empty(), moa::ValueError, "train-lm: the data holds no documents");
+  std::shared_ptr<moa::nn::TransformerLM> model;
+  std::unique_ptr<moa::Tokenizer> tok;
+  fs::path tok_path;
+  nlohmann::json meta = nlohmann::json::object();
+  const fs::path ck_dir = out / "checkpoint";
+  if (fs::exists(ck_dir / "state.json")) {  // resume this run
+    moa::nn::LoadedModel lm = moa::nn::load_model(ck_dir);
+    model = lm.model;
+    tok_path = lm.tokenizer_hint;
+    meta = lm.metadata;
+  } else if (!a.model.empty()) {            // continue a pretrained model
+    moa::nn::LoadedModel lm = moa::nn::load_model(a.model);
+    model = lm.model;
+    tok_path = a.tokenizer.empty() ? lm.tokenizer_hint : fs::path(a.tokenizer);
+  } else if (!a.tokenizer.empty()) {
+    tok_path = a.tokenizer;
+  } else {                                   // learn a BPE vocabulary on the training text
+    tok_path = out / "tokenizer";
+    if (!fs::exists(tok_path / "encoder.json")) {
+      std::fprintf(stderr, "training a %lld-token BPE vocabulary on %zu documents\n", static_cast<long long>(a.vocab_size),
+                   docs.size());
+      const moa::BpeTokenizer bpe = moa::train_bpe(docs, {.vocab_size = static_cast<int32_t>(a.vocab_size)});
+      fs::create_directories(tok_path);
+      moa::save_gpt2_tokenizer(bpe, tok_path);
+    }
+  }
+  tok = moa::load_tokenizer(tok_path);
+  meta["tokenizer"] = fs::absolute(tok_path).string();
+  if (!model) {
+    moa::nn::TransformerConfig c = a.family == "gpt2" ? moa::nn::TransformerConfig::gpt2() : moa::nn::TransformerConfig::llama();
+    c.vocab_size = tok->vocab_size();
+    c.max_seq_len = std::max(a.context, a.seq_len);
+    c.dim = a.dim;
+    c.n_layers = a.layers;
+    c.n_heads = a.heads;
+    c.n_kv_heads = a.kv_heads;
+    c.hidden_dim = a.family == "gpt2" ? 4 * a.dim : (8 * a.dim / 3 + 7) / 8 * 8;
+    c.tie_embeddings = true;
+    model = std::make_shared<moa::nn::TransformerLM>(c, a.seed);
+  }
+  // Tokenize: documents joined by EOS (or BOS) into one stream; the last val_fraction validates.
+  std::vector<int32_t> stream;
+  const auto sep = tok->eos_id() ? tok->eos_id() : tok->bos_id();
+  for (const auto& d : docs) {
+    const auto ids = tok->encode(d);
+    stream.insert(stream.end(), ids.begin(), ids.end());
+    if (sep) stream.push_back(*sep);
+  }
+  const auto n_val = static_cast<std::size_t>(static_cast<double>(stream.size()) * a.val_fraction);
+  std::vector<int32_t> train_ids(stream.begin(), stream.end() - static_cast<long>(n_val)),
+      val_ids(stream.end() - static_cast<long>(n_val), stream.end());
+  std::fprintf(stderr, "%zu documents, %zu training tokens, %zu validation tokens, %lld parameters\n", docs.size(),
+               train_ids.size(), val_ids.size(), static_cast<long long>(model->num_parameters()));
+  moa::train::PackedTokens train_src(train_ids, a.batch, a.seq_len);
+  std::vector<moa::train::Batch> valid;
+  if (static_cast<int64_t>(val_ids.size()) > a.seq_len)
+    valid = moa::train::PackedTokens(val_ids, a.batch, a.seq_len).sequential(8);
+  moa::train::LMTrainOptions opt{.steps = a.steps,
+                                 .grad_accum = a.grad_accum,
+                                 .adamw = {.lr = a.lr, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = a.weight_decay},
+                                 .min_lr = a.min_lr,
+                                 .warmup_steps = a.warmup,
+                                 .grad_clip = a.clip,
+                                 .eval_every = a.eval_every,
+                                 .log_every = a.log_every,
+                                 .checkpoint_every = a.checkpoint_every,
+                                 .checkpoint_dir = ck_dir,
+                                 .log_path = out / "train_log.jsonl",
+                                 .seed = a.seed};
+  const auto res = moa::train::train_lm(*model, train_src, valid, opt, meta);
+  std::fprintf(stderr, "done: final loss %.4f%s; checkpoint in %s\n", res.history.empty() ? 0.0 : res.history.back().loss,
+               res.final_val_loss ? (", validation loss " + std::to_string(*res.final_val_loss)).c_str() : "",
+               ck_dir.c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"moa: train and serve one language model for many domains (Mixture-of-LoRAs)"};
+  app.require_subcommand(1);
+  int threads = 0;
+  app.add_option("--threads", threads, "CPU threads (default: OpenMP's choice)");
+
+  auto* gen = app.add_subcommand("generate", "continue prompts with a model");
+  std::string model_path, tok_path, bos_mode = "auto";
+  std::vector<std::string> prompts;
+  moa::eval::GenerateOptions gopt;
+  bool show_ids = false;
+  std::vector<int32_t> stops;
+  gen->add_option("--model,-m", model_path, "HF checkpoint dir, llama2.c .bin, or moa checkpoint dir")->required();
+  gen->add_option("--tokenizer,-z", tok_path, "tokenizer file or dir (default: found beside the model)");
+  gen->add_option("--prompt,-p", prompts, "prompt text (repeat for a batch)");
+  gen->add_option("--max-new-tokens,-n", gopt.max_new_tokens, "tokens to generate")->capture_default_str();
+  gen->add_option("--temperature,-t", gopt.temperature, "0 = greedy")->capture_default_str();
+  gen->add_option("--top-k", gopt.top_k, "keep the k most likely tokens (0 = all)")->capture_default_str();
+  gen->add_option("--top-p", gopt.top_p, "nucleus sampling mass")->capture_default_str();
+  gen->add_option("--seed,-s", gopt.seed, "sampling seed")->capture_default_str();
+  gen->add_option("--stop-id", stops, "token ids that end generation (default: the tokenizer's EOS)");
+  gen->add_option("--bos", bos_mode, "prepend BOS: auto, yes, no")->check(CLI::IsMember({"auto", "yes", "no"}));
+  gen->add_flag("--ids", show_ids, "also print the generated token ids");
+
+  auto* tk = app.add_subcommand("tokenize", "print the token ids of stdin's text");
+  std::string tk_path;
+  bool decode = false;
+  tk->add_option("--tokenizer,-z", tk_path, "tokenizer file or dir")->required();
+  tk->add_flag("--decode", decode, "read ids from stdin and print their text");
+
+  auto* tr = app.add_subcommand("train-lm", "train (or continue) a base language model on text or JSONL");
+  TrainArgs ta;
+  tr->add_option("--data", ta.data, ".txt or .jsonl files")->required();
+  tr->add_option("--out,-o", ta.out, "run directory (checkpoint, log, tokenizer); resumed if it has a checkpoint")->required();
+  tr->add_option("--model", ta.model, "continue this model instead of a new one");
+  tr->add_option("--tokenizer", ta.tokenizer, "tokenizer (default: learn a BPE vocabulary on the data)");
+  tr->add_option("--vocab-size", ta.vocab_size, "size of the learned vocabulary")->capture_default_str();
+  tr->add_option("--family", ta.family, "gpt2 or llama")->check(CLI::IsMember({"gpt2", "llama"}))->capture_default_str();
+  tr->add_option("--dim", ta.dim)->capture_default_str();
+  tr->add_option("--layers", ta.layers)->capture_default_str();
+  tr->add_option("--heads", ta.heads)->capture_default_str();
+  tr->add_option("--kv-heads", ta.kv_heads, "0 = heads")->capture_default_str();
+  tr->add_option("--context", ta.context, "model context length")->capture_default_str();
+  tr->add_option("--steps", ta.steps)->capture_default_str();
+  tr->add_option("--batch", ta.batch)->capture_default_str();
+  tr->add_option("--seq-len", ta.seq_len)->capture_default_str();
+  tr->add_option("--grad-accum", ta.grad_accum)->capture_default_str();
+  tr->add_option("--lr", ta.lr)->capture_default_str();
+  tr->add_option("--min-lr", ta.min_lr)->capture_default_str();
+  tr->add_option("--warmup", ta.warmup)->capture_default_str();
+  tr->add_option("--weight-decay", ta.weight_decay)->capture_default_str();
+  tr->add_option("--clip", ta.clip)->capture_default_str();
+  tr->add_option("--eval-every", ta.eval_every)->capture_default_str();
+  tr->add_option("--checkpoint-every", ta.checkpoint_every)->capture_default_str();
+  tr->add_option("--log-every", ta.log_every)->capture_default_str();
+  tr->add_option("--val-fraction", ta.val_fraction)->capture_default_str();
+  tr->add_option("--seed", ta.seed)->capture_default_str();
+
+  CLI11_PARSE(app, argc, argv);
+  if (threads > 0) moa::set_num_threads(threads);
+  try {
+    if (*gen) {
+      gopt.stop_tokens = stops;
+      if (prompts.empty()) prompts.push_back("");
+      return cmd_generate(model_path, tok_path, prompts, gopt, bos_mode, show_ids);
+    }
+    if (*tk) return cmd_tokenize(tk_path, decode);
+    if (*tr) return cmd_train_lm(ta);
+  } catch (const moa::Error& e) {
+    std::fprintf(stderr, "moa: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moa: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
