@@ -251,8 +251,11 @@ class BpeTokenizer : public Tokenizer {
       case PreTokenizerStep::Kind::digits: split_digits(seg, st.individual_digits, next); break;
       case PreTokenizerStep::Kind::prefix_space:
         if (seg[0] != ' ') {
-          arena.push_back(" " + std::string(seg));
-          seg = arena.back();
+          std::string& s = arena.emplace_back();
+          s.reserve(seg.size() + 1);
+          s.push_back(' ');
+          s.append(seg);
+          seg = s;
         }
         next(seg);
         break;
