@@ -49,9 +49,59 @@ class b_prefetcher {
   int64_t lines_ = 0, per_step_ = 0;
 };
 
-// Waits, politely, until `counter` reaches `target`.
+// Waits until `counter` reaches `target`, yielding the CPU while it waits. The threads of a product
+// wait for each other this way rather than in OpenMP barriers, which busy-wait: on a machine shared
+// with other processes, a busy-waiting thread can keep the very thread it waits for off the CPU.
 inline void spin_until(const std::atomic<int64_t>& counter, int64_t target) {
   while (counter.load(std::memory_order_acquire) < target) std::this_thread::yield();
+}
+
+// A reusable barrier for a fixed team of nt threads, built on spin_until: the b-th call (b = 0, 1,
+// ...) of every thread returns once all nt threads have made their b-th call.
+class yielding_barrier {
+ public:
+  void wait(int nt, int64_t& calls) {
+    arrived_.fetch_add(1, std::memory_order_acq_rel);
+    spin_until(arrived_, nt * ++calls);
+  }
+
+ private:
+  std::atomic<int64_t> arrived_{0};
+};
+
+// The macro-kernel: C rows [ic, ic + mc) x columns [j0, j1) (NR-wide micro-panels of the packed B
+// block b_pack) += the product of one packed A block (mc x kc) and that B block. While one B
+// micro-panel is in use, the next one is prefetched into L1 a slice per microkernel call.
+template <class Ukr>
+inline void macro_kernel(int64_t ic, int64_t mc, int64_t j0, int64_t j1, int64_t kc, const float* a_pack,
+                         const float* b_pack, float* C, int64_t ldc, float alpha, float beta, update_mode mode) {
+  constexpr int64_t MR = Ukr::MR, NR = Ukr::NR;
+  const int64_t panels = ceil_div(j1 - j0, NR), steps = ceil_div(mc, MR);
+  for (int64_t q = 0; q < panels; ++q) {
+    const int64_t j = j0 + q * NR, nr = std::min(NR, j1 - j);
+    const float* bp = b_pack + q * NR * kc;
+    const b_prefetcher pf = (q + 1 < panels) ? b_prefetcher(bp + NR * kc, NR * kc, steps) : b_prefetcher{};
+    int64_t step = 0;
+    for (int64_t ir = 0; ir < mc; ir += MR, ++step) {
+      const int64_t mr = std::min(MR, mc - ir);
+      pf.fetch(step);
+      const float* ap = a_pack + ir * kc;
+      float* cp = C + (ic + ir) * ldc + j;
+      if (mr == MR && nr == NR) {
+        Ukr::run(kc, ap, bp, cp, ldc, alpha, beta, mode);
+      } else {
+        // Edge tile: the same microkernel into a local tile, then the same update, element-wise.
+        alignas(64) float tile[MR * NR];
+        Ukr::run(kc, ap, bp, tile, NR, 1.0f, 0.0f, update_mode::overwrite);
+        update_tile(tile, NR, mr, nr, cp, ldc, alpha, beta, mode);
+      }
+    }
+  }
+}
+
+// How the first K block combines with C; later blocks accumulate.
+inline update_mode first_block_mode(float beta) {
+  return beta == 1.0f ? update_mode::accumulate : beta == 0.0f ? update_mode::overwrite : update_mode::scale;
 }
 
 #ifdef _OPENMP
@@ -60,7 +110,8 @@ inline void spin_until(const std::atomic<int64_t>& counter, int64_t target) {
 // then take MC-row jobs dynamically, each packing its own A block and sweeping the whole panel.
 // So A and B are each packed exactly once, whatever the number of threads. One barrier per phase:
 // a thread that finishes its jobs goes on to pack the next panel into the other buffer, and the
-// barrier after that packing also closes the previous phase.
+// barrier after that packing also closes the previous phase. The last barrier also means that the
+// threads leave the parallel region together, so OpenMP's own (busy-waiting) barrier is short.
 template <class Ukr>
 inline void sgemm_blocked_phased(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                                  const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
@@ -68,10 +119,14 @@ inline void sgemm_blocked_phased(bool trans_a, bool trans_b, int64_t M, int64_t 
   constexpr int64_t MR = Ukr::MR, NR = Ukr::NR;
   const int64_t kcb = balanced_block(K, Ukr::KC, 1);
   const int64_t ncb = balanced_block(round_up(N, NR), Ukr::NC, NR);
-  const int64_t mcb = balanced_block(M, Ukr::MC, MR);
   const int64_t b_block = kcb * ncb;
-  const int64_t k_blocks = ceil_div(K, kcb), n_blocks = ceil_div(N, ncb), m_jobs = ceil_div(M, mcb);
+  const int64_t k_blocks = ceil_div(K, kcb), n_blocks = ceil_div(N, ncb);
   const int64_t phases = k_blocks * n_blocks;
+  // Row jobs of at most about MC rows, as many as a multiple of the thread count and equal to
+  // within MR rows, so that the threads finish each phase together.
+  const int64_t m_units = ceil_div(M, MR);
+  const int64_t m_jobs = std::min(m_units, round_up(ceil_div(M, Ukr::MC), nthreads));
+  const int64_t mc_max = ceil_div(m_units, m_jobs) * MR;
   float* const b_shared = thread_workspace(workspace_slot::shared_b, static_cast<std::size_t>(2 * b_block));
 
   auto pack_phase = [&](int64_t phase, int tid, int nt) {
@@ -81,55 +136,38 @@ inline void sgemm_blocked_phased(bool trans_a, bool trans_b, int64_t M, int64_t 
                 b_shared + (phase & 1) * b_block);
   };
 
+  yielding_barrier barrier;
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = thread_id(), nt = num_threads();
-    float* const a_buf = thread_workspace(workspace_slot::pack_a, static_cast<std::size_t>(mcb * kcb));
+    int64_t barriers = 0;
+    float* const a_buf = thread_workspace(workspace_slot::pack_a, static_cast<std::size_t>(mc_max * kcb));
     pack_phase(0, tid, nt);
-#pragma omp barrier
+    barrier.wait(nt, barriers);
     for (int64_t phase = 0; phase < phases; ++phase) {
       const int64_t jc = (phase / k_blocks) * ncb, pc = (phase % k_blocks) * kcb;
-      const int64_t nc = std::min(ncb, N - jc), kc = std::min(kcb, K - pc), panels = ceil_div(nc, NR);
-      const float* const b_pack = b_shared + (phase & 1) * b_block;
-      const update_mode mode = (pc > 0 || beta == 1.0f) ? update_mode::accumulate
-                               : (beta == 0.0f)        ? update_mode::overwrite
-                                                       : update_mode::scale;
+      const int64_t nc = std::min(ncb, N - jc), kc = std::min(kcb, K - pc);
+      const update_mode mode = pc > 0 ? update_mode::accumulate : first_block_mode(beta);
 #pragma omp for schedule(dynamic, 1) nowait
       for (int64_t job = 0; job < m_jobs; ++job) {
-        const int64_t ic = job * mcb, mc = std::min(mcb, M - ic), steps = ceil_div(mc, MR);
-        Ukr::pack_a(trans_a, A, lda, ic, mc, pc, kc, a_buf);
-        for (int64_t q = 0; q < panels; ++q) {
-          const int64_t j = jc + q * NR, nr = std::min(NR, N - j);
-          const float* bp = b_pack + q * NR * kc;
-          const b_prefetcher pf = (q + 1 < panels) ? b_prefetcher(bp + NR * kc, NR * kc, steps) : b_prefetcher{};
-          int64_t step = 0;
-          for (int64_t ir = 0; ir < mc; ir += MR, ++step) {
-            const int64_t mr = std::min(MR, mc - ir);
-            pf.fetch(step);
-            const float* ap = a_buf + ir * kc;
-            float* cp = C + (ic + ir) * ldc + j;
-            if (mr == MR && nr == NR) {
-              Ukr::run(kc, ap, bp, cp, ldc, alpha, beta, mode);
-            } else {
-              alignas(64) float tile[MR * NR];
-              Ukr::run(kc, ap, bp, tile, NR, 1.0f, 0.0f, update_mode::overwrite);
-              update_tile(tile, NR, mr, nr, cp, ldc, alpha, beta, mode);
-            }
-          }
-        }
+        const int64_t ic = m_units * job / m_jobs * MR, ic_end = std::min(M, m_units * (job + 1) / m_jobs * MR);
+        Ukr::pack_a(trans_a, A, lda, ic, ic_end - ic, pc, kc, a_buf);
+        macro_kernel<Ukr>(ic, ic_end - ic, jc, jc + nc, kc, a_buf, b_shared + (phase & 1) * b_block, C, ldc, alpha,
+                          beta, mode);
       }
       if (phase + 1 < phases) pack_phase(phase + 1, tid, nt);
-#pragma omp barrier
+      barrier.wait(nt, barriers);
     }
   }
 }
 #endif
 
 // C = alpha * op(A) * op(B) + beta * C on the packed path, with `nthreads` OpenMP threads (1: none).
-// Threads never split K and never wait for each other: each takes whole jobs (blocks of C) and
-// packs the A and B pieces it needs into its own buffers. Every element of C goes through the same
-// microkernel arithmetic whichever thread computes it, so the result is bitwise the same for any
-// thread count and any schedule. Expects M, N, K > 0.
+// Single-threaded: one job, the classic loop nest. Few rows (one row block): the threads pack A
+// once together, then take column jobs from a counter, each packing its own B, with no barrier.
+// Many rows: sgemm_blocked_phased. Threads never split K, and every element of C goes through the
+// same microkernel arithmetic whichever thread computes it, so the result is bitwise the same for
+// any thread count and any schedule. Expects M, N, K > 0.
 template <class Ukr>
 inline void sgemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, int nthreads) {
@@ -138,12 +176,12 @@ inline void sgemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int6
   const int64_t k_blocks = ceil_div(K, kcb);
 
   // Job grid. One thread: a single row block, so B is packed once. Several: row blocks of at most
-  // 4 * MC rows and enough column blocks for about four jobs per thread, so that a thread slowed
+  // 4 * MC rows and enough column blocks for about eight jobs per thread, so that a thread slowed
   // down by other processes does not hold up the whole product.
   int64_t hb = round_up(M, MR), wmax = Ukr::NC;
   if (nthreads > 1) {
     hb = balanced_block(M, 4 * Ukr::MC, MR);
-    const int64_t col_jobs_wanted = ceil_div(4 * nthreads, ceil_div(M, hb));
+    const int64_t col_jobs_wanted = ceil_div(8 * nthreads, ceil_div(M, hb));
     wmax = std::clamp(ceil_div(N, col_jobs_wanted), Ukr::NJ_MIN, Ukr::NC);
   }
   const int64_t wb = balanced_block(round_up(N, NR), wmax, NR);
@@ -163,47 +201,25 @@ inline void sgemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int6
 
   // One job: rows [i0, i1) x columns [j0, j1) of C, all of K.
   auto run_job = [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, float* a_buf, float* b_buf) {
-    const int64_t nc = j1 - j0, panels = ceil_div(nc, NR);
+    const int64_t nc = j1 - j0;
     for (int64_t pc = 0, kb = 0; pc < K; pc += kcb, ++kb) {
       const int64_t kc = std::min(kcb, K - pc);
-      const update_mode mode = (pc > 0 || beta == 1.0f) ? update_mode::accumulate
-                               : (beta == 0.0f)        ? update_mode::overwrite
-                                                       : update_mode::scale;
-      Ukr::pack_b(trans_b, B, ldb, pc, kc, j0, nc, 0, panels, b_buf);
+      const update_mode mode = pc > 0 ? update_mode::accumulate : first_block_mode(beta);
+      Ukr::pack_b(trans_b, B, ldb, pc, kc, j0, nc, 0, ceil_div(nc, NR), b_buf);
       for (int64_t ic = i0; ic < i1; ic += mcb) {
         const int64_t mc = std::min(mcb, i1 - ic);
-        const int64_t steps = ceil_div(mc, MR);
         const float* a_pack = a_buf;
         if (shared_a) {
           a_pack = a_shared + kb * a_block + ic * kc;  // ic is a multiple of MR
         } else {
           Ukr::pack_a(trans_a, A, lda, ic, mc, pc, kc, a_buf);
         }
-        for (int64_t q = 0; q < panels; ++q) {
-          const int64_t j = j0 + q * NR;
-          const int64_t nr = std::min(NR, j1 - j);
-          const float* bp = b_buf + q * NR * kc;
-          const b_prefetcher pf = (q + 1 < panels) ? b_prefetcher(bp + NR * kc, NR * kc, steps) : b_prefetcher{};
-          int64_t step = 0;
-          for (int64_t ir = 0; ir < mc; ir += MR, ++step) {
-            const int64_t mr = std::min(MR, mc - ir);
-            pf.fetch(step);
-            const float* ap = a_pack + ir * kc;
-            float* cp = C + (ic + ir) * ldc + j;
-            if (mr == MR && nr == NR) {
-              Ukr::run(kc, ap, bp, cp, ldc, alpha, beta, mode);
-            } else {
-              alignas(64) float tile[MR * NR];
-              Ukr::run(kc, ap, bp, tile, NR, 1.0f, 0.0f, update_mode::overwrite);
-              update_tile(tile, NR, mr, nr, cp, ldc, alpha, beta, mode);
-            }
-          }
-        }
+        macro_kernel<Ukr>(ic, mc, j0, j1, kc, a_pack, b_buf, C, ldc, alpha, beta, mode);
       }
     }
   };
 
-  std::atomic<int64_t> a_claimed{0}, a_packed{0};
+  std::atomic<int64_t> a_claimed{0}, a_packed{0}, jobs_done{0};
   // Job j covers row block j % row_jobs and column block j / row_jobs, so that jobs running at
   // the same time tend to share their rows of A.
   auto work = [&](auto&& next_job) {
@@ -224,7 +240,10 @@ inline void sgemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int6
     for (int64_t job = next_job(); job < jobs; job = next_job()) {
       const int64_t i0 = (job % row_jobs) * hb, j0 = (job / row_jobs) * wb;
       run_job(i0, std::min(M, i0 + hb), j0, std::min(N, j0 + wb), a_buf, b_buf);
+      jobs_done.fetch_add(1, std::memory_order_release);
     }
+    // Leave the parallel region together (see spin_until).
+    spin_until(jobs_done, jobs);
   };
 
   if (nthreads <= 1 || jobs <= 1) {

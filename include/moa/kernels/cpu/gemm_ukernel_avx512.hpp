@@ -18,7 +18,7 @@ struct ukernel_avx512 {
   static constexpr int64_t KC = 256;
   static constexpr int64_t MC = 192;
   static constexpr int64_t NC = 3072;
-  static constexpr int64_t NJ_MIN = 256;  // narrowest column block of a threaded job
+  static constexpr int64_t NJ_MIN = 128;  // narrowest column block of a threaded job
 
   static void pack_a(bool trans_a, const float* A, int64_t lda, int64_t i0, int64_t mc, int64_t k0, int64_t kc,
                      float* Ap) {
