@@ -205,6 +205,7 @@ TEST_CASE("tokenizer: bad GPT-2 / tokenizer.json files") {
              R"({"normalizer": {"type": "NFC"}, "pre_tokenizer": {"type": "ByteLevel"},
                  "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}})");
   CHECK_THROWS_AS(moa::load_hf_tokenizer(d / "tokenizer.json"), moa::ValueError);
+  CHECK(moa::load_hf_tokenizer(d / "tokenizer.json", {.assume_nfc = true}).vocab_size() == 1);
   write_text(d / "tokenizer.json",
              R"({"pre_tokenizer": {"type": "ByteLevel"}, "model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": ["a c"]}})");
   CHECK_THROWS_AS(moa::load_hf_tokenizer(d / "tokenizer.json"), moa::IOError);

@@ -5,7 +5,8 @@
 // added_tokens (matched literally before pre-tokenisation, lstrip / rstrip over ASCII whitespace;
 // single_word and normalized are ignored); pre_tokenizer ByteLevel (add_prefix_space, use_regex),
 // Split with the GPT-2, Llama-3 or Qwen2 regex (behavior Isolated), Digits, and Sequences of them;
-// normalizer null. Anything else is a ValueError naming it (e.g. an NFC normalizer, a Metaspace /
+// normalizer null (or NFC with HfLoadOptions{.assume_nfc = true}: the caller promises NFC input, as
+// ASCII and most text already is; moa does not implement NFC). Anything else is a ValueError naming it (e.g. an NFC normalizer, a Metaspace /
 // sentencepiece-style model, byte_fallback, an unknown Split regex). The post_processor is not
 // applied: encode() adds BOS / EOS only when asked. BOS / EOS come from tokenizer_config.json beside
 // the file when it names them, else from well-known names (<|begin_of_text|>, <s>,
@@ -99,8 +100,12 @@ inline std::optional<std::string> config_token(const nlohmann::json& cfg, const 
 
 }  // namespace detail
 
+struct HfLoadOptions {
+  bool assume_nfc = false;  // accept an NFC normalizer and skip it (Qwen2): the text must already be NFC
+};
+
 // Loads a tokenizer.json (see the header comment for what is supported).
-inline BpeTokenizer load_hf_tokenizer(const std::filesystem::path& path) {
+inline BpeTokenizer load_hf_tokenizer(const std::filesystem::path& path, const HfLoadOptions& load = {}) {
   const std::string name = path.filename().string();
   const nlohmann::json j = detail::parse_json_file(path, "load_hf_tokenizer");
   try {
@@ -115,9 +120,11 @@ inline BpeTokenizer load_hf_tokenizer(const std::filesystem::path& path) {
       MOA_CHECK(detail::json_get_or<std::string>(m, k, "").empty(), ValueError, name, ": expected no ", k, ", got '",
                 m[k].get<std::string>(), "'");
     const auto& norm = j.value("normalizer", nlohmann::json());
-    MOA_CHECK(norm.is_null() || (detail::json_type_of(norm) == "Sequence" && norm.value("normalizers", nlohmann::json::array()).empty()),
+    const bool nfc_ok = load.assume_nfc && detail::json_type_of(norm) == "NFC";
+    MOA_CHECK(norm.is_null() || nfc_ok ||
+                  (detail::json_type_of(norm) == "Sequence" && norm.value("normalizers", nlohmann::json::array()).empty()),
               ValueError, name, ": expected no normalizer, got ", detail::json_type_of(norm),
-              " (not implemented; encoding would differ from the reference)");
+              " (not implemented; for NFC pass HfLoadOptions{.assume_nfc = true} if the text is already NFC)");
 
     BpeOptions opts;
     opts.pre_tokenizer.clear();

@@ -32,7 +32,8 @@ class Tokenizer {
     return ids;
   }
 
-  // The bytes the ids stand for. IndexError for an id outside the vocabulary.
+  // The bytes the ids stand for. IndexError for an id outside the vocabulary. The result can be
+  // invalid UTF-8 when the ids cut a character (Python's references would show U+FFFD there).
   virtual std::string decode(std::span<const std::int32_t> ids) const = 0;
   std::string decode(const std::vector<std::int32_t>& ids) const {
     return decode(std::span<const std::int32_t>(ids.data(), ids.size()));
