@@ -5,6 +5,7 @@
 
 #include "moa/core/dtype.hpp"
 #include "moa/core/error.hpp"
+#include "moa/core/half.hpp"
 #include "moa/core/parallel.hpp"
 #include "moa/core/rng.hpp"
 #include "moa/core/shape.hpp"
@@ -30,7 +31,32 @@
 #include "moa/ops/softmax.hpp"
 #include "moa/ops/view.hpp"
 
+#include "moa/ops/rope.hpp"
+
 #include "moa/optim/adamw.hpp"
 #include "moa/optim/clip.hpp"
 #include "moa/optim/schedule.hpp"
 #include "moa/optim/sgd.hpp"
+
+#include "moa/io/checkpoint.hpp"
+#include "moa/io/hf_checkpoint.hpp"
+#include "moa/io/llama2c.hpp"
+#include "moa/io/safetensors.hpp"
+
+#include "moa/tokenizer/bpe_trainer.hpp"
+#include "moa/tokenizer/gpt2_files.hpp"
+#include "moa/tokenizer/hf_json.hpp"
+#include "moa/tokenizer/llama2c.hpp"
+#include "moa/tokenizer/load.hpp"
+
+#include "moa/nn/config.hpp"
+#include "moa/nn/hf_names.hpp"
+#include "moa/nn/load.hpp"
+#include "moa/nn/module.hpp"
+#include "moa/nn/pretrained.hpp"
+#include "moa/nn/transformer.hpp"
+
+#include "moa/eval/generate.hpp"
+
+#include "moa/train/batches.hpp"
+#include "moa/train/lm_trainer.hpp"

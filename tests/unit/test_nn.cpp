@@ -160,7 +160,7 @@ TEST_CASE("HF loading: a config that disagrees with the weights, unknown names, 
   fs::remove_all(dir);
   fs::create_directories(dir);
   fs::copy_file(src / "model.safetensors", dir / "model.safetensors");
-  nlohmann::json cfg = nn::read_json_file(src / "config.json");
+  nlohmann::json cfg = nlohmann::json::parse(std::ifstream(src / "config.json"));
   auto write_cfg = [&](const nlohmann::json& j) { std::ofstream(dir / "config.json") << j.dump(); };
   cfg["intermediate_size"] = 48;
   write_cfg(cfg);
