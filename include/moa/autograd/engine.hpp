@@ -38,7 +38,6 @@ inline Tensor owned_copy(const Tensor& g) {
 
 inline void check_grad(const Node& n, std::size_t i, const Tensor& g) {
   const Edge& e = n.edges[i];
-  MOA_CHECK(g.defined(), AutogradError, "backward of '", n.name, "': no gradient was produced for input ", i);
   MOA_CHECK(g.shape() == e.shape, AutogradError, "backward of '", n.name, "': expected a gradient of shape ",
             shape_str(e.shape), " for input ", i, ", got ", shape_str(g.shape()));
   MOA_CHECK(g.dtype() == e.dtype, AutogradError, "backward of '", n.name, "': expected a gradient of dtype ",
@@ -111,8 +110,17 @@ inline void run_backward(const Tensor& root, const Tensor& root_grad, bool retai
     MOA_CHECK(!n->released && n->fn, AutogradError, "backward: the graph through '", n->name,
               "' was already freed by an earlier backward(); pass retain_graph = true to the first "
               "backward() to go through it twice");
-    Tensor g = std::move(grads[n]);
-    grads.erase(n);
+    auto found = grads.find(n);
+    if (found == grads.end()) {
+      // No consumer sent this node a gradient (an op may return none for an input it did not
+      // use, e.g. an expert that got no rows): nothing flows further, but its inputs' counts drop.
+      done.push_back(n);
+      for (std::size_t i = 0; i < n->edges.size(); ++i)
+        if (n->needs[i] && n->edges[i].node && --pending[n->edges[i].node.get()] == 0) ready.push(n->edges[i].node.get());
+      continue;
+    }
+    Tensor g = std::move(found->second);
+    grads.erase(found);
     if (!g.is_contiguous()) g = detail::owned_copy(g);
     std::vector<Tensor> in_grads = n->fn(g, n->needs);
     MOA_CHECK(in_grads.size() == n->edges.size(), AutogradError, "backward of '", n->name, "': expected ",
@@ -121,6 +129,10 @@ inline void run_backward(const Tensor& root, const Tensor& root_grad, bool retai
     for (std::size_t i = 0; i < n->edges.size(); ++i) {
       if (!n->needs[i]) continue;
       const Edge& e = n->edges[i];
+      if (!in_grads[i].defined()) {  // no gradient for this input (see above)
+        if (e.node && --pending[e.node.get()] == 0) ready.push(e.node.get());
+        continue;
+      }
       detail::check_grad(*n, i, in_grads[i]);
       if (e.node) {
         Node* child = e.node.get();

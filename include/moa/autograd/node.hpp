@@ -17,7 +17,8 @@
 namespace moa::autograd {
 
 // grads_of_inputs = fn(grad_of_output, which_inputs_need_a_grad); entries for inputs that need no
-// gradient may be left undefined.
+// gradient may be left undefined, and so may those of inputs that received none (a leaf then
+// keeps an undefined grad(), as a PyTorch parameter outside the graph keeps None).
 using BackwardFn = std::function<std::vector<Tensor>(const Tensor& grad_out, const std::vector<char>& needs)>;
 
 struct Edge {

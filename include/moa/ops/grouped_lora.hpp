@@ -1,0 +1,188 @@
+// moa/ops/grouped_lora.hpp: the segmented (grouped) LoRA product that serves many experts in one
+// batch, as Punica's SGMV: rows are grouped by expert and each expert's two thin products run once
+// for all its rows, never as a loop over samples.
+//
+//   delta[n] = scale * sum over assignments j with rows[j] = n of  w_j * B_e (A_e x[n]),  e = experts[j]
+//
+// x: (N, In); A_e: (R_e, In); B_e: (Out, R_e); rows, experts: M assignments; weights (M) or none
+// (all 1). MoA gives every row one expert with weight 1; token-level MoE-LoRA gives each row its
+// top-k experts with gate weights (which then get gradients). Experts without rows get no gradient.
+#pragma once
+
+#include <vector>
+
+#include "moa/autograd/node.hpp"
+#include "moa/core/tensor.hpp"
+#include "moa/kernels/cpu/gemm.hpp"
+
+namespace moa {
+
+namespace detail {
+
+// Assignment indices grouped by expert (stable): order[begin[e] .. begin[e + 1]).
+struct ExpertGroups {
+  std::vector<int64_t> order;
+  std::vector<int64_t> begin;
+};
+
+inline ExpertGroups group_by_expert(const std::vector<int32_t>& experts, int64_t E) {
+  ExpertGroups g;
+  g.begin.assign(static_cast<std::size_t>(E + 1), 0);
+  for (int32_t e : experts) ++g.begin[static_cast<std::size_t>(e) + 1];
+  for (int64_t e = 0; e < E; ++e) g.begin[e + 1] += g.begin[e];
+  g.order.resize(experts.size());
+  std::vector<int64_t> fill(g.begin.begin(), g.begin.end() - 1);
+  for (std::size_t j = 0; j < experts.size(); ++j) g.order[static_cast<std::size_t>(fill[experts[j]]++)] = static_cast<int64_t>(j);
+  return g;
+}
+
+}  // namespace detail
+
+inline Tensor grouped_lora(const Tensor& x, const std::vector<Tensor>& A, const std::vector<Tensor>& B,
+                           const std::vector<int32_t>& rows, const std::vector<int32_t>& experts,
+                           const Tensor& weights, double scale) {
+  const int64_t E = static_cast<int64_t>(A.size());
+  MOA_CHECK(E >= 1 && B.size() == A.size(), ValueError, "grouped_lora: expected at least one expert and as many B as A, got ",
+            A.size(), " A and ", B.size(), " B");
+  MOA_CHECK(x.dim() == 2 && is_floating(x.dtype()), ShapeError, "grouped_lora: expected x (N, In) floating, got ",
+            shape_str(x.shape()), " ", dtype_name(x.dtype()));
+  const int64_t N = x.size(0), In = x.size(1), Out = B[0].dim() == 2 ? B[0].size(0) : -1;
+  for (int64_t e = 0; e < E; ++e) {
+    MOA_CHECK(A[e].dim() == 2 && A[e].size(1) == In && A[e].dtype() == x.dtype(), ShapeError, "grouped_lora: expert ", e,
+              " expected A (R, ", In, ") of dtype ", dtype_name(x.dtype()), ", got ", shape_str(A[e].shape()));
+    MOA_CHECK(B[e].dim() == 2 && B[e].size(0) == Out && B[e].size(1) == A[e].size(0) && B[e].dtype() == x.dtype(),
+              ShapeError, "grouped_lora: expert ", e, " expected B (", Out, ", ", A[e].size(0), "), got ",
+              shape_str(B[e].shape()));
+  }
+  const int64_t M = static_cast<int64_t>(rows.size());
+  MOA_CHECK(experts.size() == rows.size(), ShapeError, "grouped_lora: expected one expert per assignment, got ",
+            rows.size(), " rows and ", experts.size(), " experts");
+  for (int64_t j = 0; j < M; ++j) {
+    MOA_CHECK(rows[j] >= 0 && rows[j] < N, IndexError, "grouped_lora: assignment ", j, " names row ", rows[j],
+              ", outside [0, ", N, ")");
+    MOA_CHECK(experts[j] >= 0 && experts[j] < E, IndexError, "grouped_lora: assignment ", j, " names expert ",
+              experts[j], ", outside [0, ", E, ")");
+  }
+  if (weights.defined())
+    MOA_CHECK(weights.dim() == 1 && weights.size(0) == M && weights.dtype() == x.dtype(), ShapeError,
+              "grouped_lora: expected weights (", M, "), got ", shape_str(weights.shape()));
+
+  const detail::ExpertGroups groups = detail::group_by_expert(experts, E);
+  const Tensor xc = x.contiguous();
+  const Tensor wc = weights.defined() ? weights.contiguous() : Tensor();
+  std::vector<Tensor> Ac, Bc, H(static_cast<std::size_t>(E));
+  for (int64_t e = 0; e < E; ++e) {
+    Ac.push_back(A[e].contiguous());
+    Bc.push_back(B[e].contiguous());
+  }
+  Tensor out = Tensor::zeros({N, Out}, x.dtype(), x.device());
+  detail::dispatch_float(x.dtype(), "grouped_lora", [&]<class T>() {
+    const T* px = xc.data<T>();
+    T* po = out.data<T>();
+    const T* pw = wc.defined() ? wc.data<T>() : nullptr;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t b = groups.begin[e], m = groups.begin[e + 1] - b, R = Ac[e].size(0);
+      if (m == 0) continue;
+      Tensor Xe = Tensor::empty({m, In}, x.dtype());          // (m, In) gathered rows
+      T* pX = Xe.data<T>();
+      for (int64_t i = 0; i < m; ++i) {
+        const T* src = px + rows[groups.order[b + i]] * In;
+        std::copy(src, src + In, pX + i * In);
+      }
+      H[e] = Tensor::empty({m, R}, x.dtype());                 // (m, R) = Xe A^T
+      kernels::cpu::gemm<T>(false, true, m, R, In, T(1), pX, In, Ac[e].data<T>(), In, T(0), H[e].data<T>(), R);
+      Tensor Ye = Tensor::empty({m, Out}, x.dtype());          // (m, Out) = H B^T
+      kernels::cpu::gemm<T>(false, true, m, Out, R, T(1), H[e].data<T>(), R, Bc[e].data<T>(), R, T(0), Ye.data<T>(), Out);
+      const T* pY = Ye.data<T>();
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t j = groups.order[b + i];
+        const T s = static_cast<T>(scale) * (pw ? pw[j] : T(1));
+        T* dst = po + rows[j] * Out;
+        for (int64_t o = 0; o < Out; ++o) dst[o] += s * pY[i * Out + o];
+      }
+    }
+  });
+
+  std::vector<Tensor> inputs{x, weights};
+  inputs.insert(inputs.end(), A.begin(), A.end());
+  inputs.insert(inputs.end(), B.begin(), B.end());
+  if (autograd::needs_graph(inputs)) {
+    std::vector<Tensor> Ad, Bd;
+    for (int64_t e = 0; e < E; ++e) {
+      Ad.push_back(Ac[e].detach());
+      Bd.push_back(Bc[e].detach());
+    }
+    autograd::record(
+        "grouped_lora", out, inputs,
+        [xd = xc.detach(), wd = wc.defined() ? wc.detach() : Tensor(), Ad, Bd, H, groups, rows, scale, E, N, In,
+         Out](const Tensor& g, const std::vector<char>& needs) {
+          std::vector<Tensor> r(static_cast<std::size_t>(2 + 2 * E));
+          const bool need_x = needs[0], need_w = needs[1];
+          if (need_x) r[0] = Tensor::zeros({N, In}, g.dtype());
+          if (need_w) r[1] = Tensor::zeros({static_cast<int64_t>(rows.size())}, g.dtype());
+          detail::dispatch_float(g.dtype(), "grouped_lora", [&]<class T>() {
+            const T* pg = g.data<T>();
+            const T* px = xd.data<T>();
+            const T* pw = wd.defined() ? wd.data<T>() : nullptr;
+            for (int64_t e = 0; e < E; ++e) {
+              const int64_t b = groups.begin[e], m = groups.begin[e + 1] - b, R = Ad[e].size(0);
+              if (m == 0) continue;  // no rows: no gradient for this expert
+              Tensor Ge = Tensor::empty({m, Out}, g.dtype());  // (m, Out) scaled output gradients
+              T* pG = Ge.data<T>();
+              for (int64_t i = 0; i < m; ++i) {
+                const int64_t j = groups.order[b + i];
+                const T s = static_cast<T>(scale) * (pw ? pw[j] : T(1));
+                const T* src = pg + rows[j] * Out;
+                for (int64_t o = 0; o < Out; ++o) pG[i * Out + o] = s * src[o];
+              }
+              const T* pH = H[e].data<T>();
+              if (need_w) {  // dw_j = scale * <g[row_j], B H_j>
+                Tensor Ye = Tensor::empty({m, Out}, g.dtype());
+                kernels::cpu::gemm<T>(false, true, m, Out, R, T(1), pH, R, Bd[e].data<T>(), R, T(0), Ye.data<T>(), Out);
+                T* pdw = r[1].data<T>();
+                const T* pY = Ye.data<T>();
+                for (int64_t i = 0; i < m; ++i) {
+                  const int64_t j = groups.order[b + i];
+                  const T* src = pg + rows[j] * Out;
+                  T acc = 0;
+                  for (int64_t o = 0; o < Out; ++o) acc += src[o] * pY[i * Out + o];
+                  pdw[j] += static_cast<T>(scale) * acc;
+                }
+              }
+              if (needs[2 + E + e]) {  // dB = Ge^T H  (Out, R)
+                r[2 + E + e] = Tensor::empty({Out, R}, g.dtype());
+                kernels::cpu::gemm<T>(true, false, Out, R, m, T(1), pG, Out, pH, R, T(0), r[2 + E + e].data<T>(), R);
+              }
+              if (!needs[2 + e] && !need_x) continue;
+              Tensor dH = Tensor::empty({m, R}, g.dtype());  // (m, R) = Ge B
+              kernels::cpu::gemm<T>(false, false, m, R, Out, T(1), pG, Out, Bd[e].data<T>(), R, T(0), dH.data<T>(), R);
+              if (needs[2 + e]) {  // dA = dH^T Xe  (R, In)
+                Tensor Xe = Tensor::empty({m, In}, g.dtype());
+                T* pX = Xe.data<T>();
+                for (int64_t i = 0; i < m; ++i) {
+                  const T* src = px + rows[groups.order[b + i]] * In;
+                  std::copy(src, src + In, pX + i * In);
+                }
+                r[2 + e] = Tensor::empty({R, In}, g.dtype());
+                kernels::cpu::gemm<T>(true, false, R, In, m, T(1), dH.data<T>(), R, pX, In, T(0), r[2 + e].data<T>(), In);
+              }
+              if (need_x) {  // dx[row] += dH A
+                Tensor dXe = Tensor::empty({m, In}, g.dtype());
+                kernels::cpu::gemm<T>(false, false, m, In, R, T(1), dH.data<T>(), R, Ad[e].data<T>(), In, T(0),
+                                      dXe.data<T>(), In);
+                T* pdx = r[0].data<T>();
+                const T* pdX = dXe.data<T>();
+                for (int64_t i = 0; i < m; ++i) {
+                  T* dst = pdx + rows[groups.order[b + i]] * In;
+                  for (int64_t k = 0; k < In; ++k) dst[k] += pdX[i * In + k];
+                }
+              }
+            }
+          });
+          return r;
+        });
+  }
+  return out;
+}
+
+}  // namespace moa
