@@ -1,0 +1,91 @@
+// moa/lora/target.hpp: which nn::Linear maps of a model an adapter targets: every linear of a
+// module tree with its dotted path, and the target_modules pattern of LoRAConfig (see config.hpp).
+#pragma once
+
+#include <memory>
+#include <regex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "moa/nn/linear.hpp"
+#include "moa/nn/module.hpp"
+
+namespace moa::lora {
+
+using NamedLinears = std::vector<std::pair<std::string, std::shared_ptr<nn::Linear>>>;
+
+namespace detail {
+
+inline void collect_linears(const nn::Module& m, const std::string& prefix, NamedLinears& out) {
+  for (const auto& [name, child] : m.children()) {
+    const std::string path = prefix.empty() ? name : prefix + "." + name;
+    if (auto lin = std::dynamic_pointer_cast<nn::Linear>(child)) {
+      out.emplace_back(path, lin);
+      continue;  // a Linear's children are its adapters, never further linears
+    }
+    collect_linears(*child, path, out);
+  }
+}
+
+}  // namespace detail
+
+// Every nn::Linear under `root` with its dotted module path, in registration order.
+inline NamedLinears named_linears(const nn::Module& root) {
+  NamedLinears out;
+  detail::collect_linears(root, "", out);
+  return out;
+}
+
+// A compiled target_modules pattern (the rules are in moa/lora/config.hpp).
+class TargetPattern {
+ public:
+  explicit TargetPattern(std::string pattern) : pattern_(std::move(pattern)) {
+    MOA_CHECK(!pattern_.empty(), ValueError, "LoRA target_modules: the pattern is empty");
+    if (pattern_ == "all-linear") {
+      all_linear_ = true;
+      return;
+    }
+    try {
+      re_ = std::regex(pattern_, std::regex::ECMAScript);
+    } catch (const std::regex_error& e) {
+      throw ValueError(::moa::detail::cat("LoRA target_modules: '", pattern_, "' is not a valid regular expression: ",
+                                          e.what()));
+    }
+  }
+
+  // Whether the module at dotted `path` is targeted.
+  bool matches(const std::string& path) const {
+    if (all_linear_) return path.rfind("blocks.", 0) == 0;
+    if (std::regex_match(path, re_)) return true;
+    for (std::size_t dot = path.find('.'); dot != std::string::npos; dot = path.find('.', dot + 1))
+      if (std::regex_match(path.begin() + static_cast<std::ptrdiff_t>(dot + 1), path.end(), re_)) return true;
+    return false;
+  }
+
+  const std::string& pattern() const { return pattern_; }
+
+ private:
+  std::string pattern_;
+  std::regex re_;
+  bool all_linear_ = false;
+};
+
+// The linears of `root` that `pattern` targets; a pattern that matches none is a ValueError that
+// lists the linear paths there are.
+inline NamedLinears match_linears(const nn::Module& root, const std::string& pattern) {
+  const TargetPattern tp(pattern);
+  const NamedLinears all = named_linears(root);
+  NamedLinears out;
+  for (const auto& nl : all)
+    if (tp.matches(nl.first)) out.push_back(nl);
+  if (out.empty()) {
+    std::string avail;
+    for (std::size_t i = 0; i < all.size(); ++i) avail += (i ? ", " : "") + all[i].first;
+    throw ValueError(::moa::detail::cat("LoRA target_modules '", pattern, "' matches no linear map; the model has: ",
+                                        all.empty() ? std::string("(none)") : avail));
+  }
+  return out;
+}
+
+}  // namespace moa::lora

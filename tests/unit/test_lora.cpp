@@ -1,0 +1,291 @@
+// LoRA: the fused LoRA op (gradcheck), adapters on a TransformerLM (targets, several named adapters,
+// switching, merge / unmerge, remove), a frozen base that gets no weight gradient, training only
+// A and B, and the PEFT adapter format against Hugging Face PEFT
+// (fixtures: tests/fixtures/lora/gen_lora_fixtures.py).
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <set>
+#include <string>
+#include <unordered_set>
+
+#include "moa/autograd/gradcheck.hpp"
+#include "moa/lora/lora.hpp"
+#include "moa/nn/transformer.hpp"
+#include "moa/optim/adamw.hpp"
+#include "test_util.hpp"
+
+using namespace moa;
+
+namespace {
+
+nn::TransformerConfig tiny(bool llama) {
+  nn::TransformerConfig c = llama ? nn::TransformerConfig::llama() : nn::TransformerConfig::gpt2();
+  c.vocab_size = 23;
+  c.max_seq_len = 16;
+  c.dim = 16;
+  c.n_layers = 2;
+  c.n_heads = 2;
+  c.hidden_dim = 24;
+  if (llama) c.n_kv_heads = 1;
+  return c;
+}
+
+Tensor ids_of(const std::vector<int32_t>& v, int64_t B) {
+  return Tensor::from_vector(v, {B, static_cast<int64_t>(v.size()) / B});
+}
+
+// Random non-zero B for every site of adapter `name` (a fresh adapter has B = 0: no effect).
+void randomize_B(nn::Module& model, const std::string& name, std::uint64_t seed, double std = 0.3) {
+  NoGradGuard ng;
+  Generator gen(seed);
+  for (auto& [n, t] : lora::lora_parameters(model, name))
+    if (n.back() == 'B') t.detach().copy_(Tensor::randn(t.shape(), gen, t.dtype(), 0.0, std));
+}
+
+std::vector<std::string> param_names(const nn::Module& m) {
+  std::vector<std::string> out;
+  for (auto& [n, t] : m.named_parameters()) out.push_back(n);
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("lora_add: y = base + s (x A^T) B^T, gradients by finite differences (f64)") {
+  Generator gen(7);
+  const int64_t In = 5, Out = 4, R = 3;
+  Tensor x = Tensor::randn({2, 3, In}, gen, DType::f64).set_requires_grad();
+  Tensor base = Tensor::randn({2, 3, Out}, gen, DType::f64).set_requires_grad();
+  Tensor A = Tensor::randn({R, In}, gen, DType::f64).set_requires_grad();
+  Tensor B = Tensor::randn({Out, R}, gen, DType::f64).set_requires_grad();
+  const double s = 1.7;
+  // Against the plain composition of ops.
+  Tensor y = lora::lora_add(base, x, A, B, s);
+  Tensor ref = base + scale(matmul(matmul(x, A.t()), B.t()), s);
+  CHECK(test::max_abs_diff(y, ref) < 1e-12);
+  auto f = [s](const std::vector<Tensor>& in) { return lora::lora_add(in[1], in[0], in[2], in[3], s); };
+  auto res = autograd::gradcheck(f, {x, base, A, B});
+  INFO(res.message);
+  CHECK(res.ok);
+  // Only some inputs needing a gradient.
+  Tensor x2 = Tensor::randn({4, In}, gen, DType::f64);
+  Tensor base2 = Tensor::randn({4, Out}, gen, DType::f64);
+  auto res2 = autograd::gradcheck([&](const std::vector<Tensor>& in) { return lora::lora_add(base2, x2, in[0], in[1], s); },
+                                  {A, B});
+  CHECK(res2.ok);
+  test::check_throws_with<ShapeError>([&] { lora::lora_add(base, x, B, A, s); }, {"A (R, In)", "B (Out, R)"});
+  test::check_throws_with<ShapeError>([&] { lora::lora_add(base2, x, A, B, s); }, {"base of shape"});
+}
+
+TEST_CASE("LoRAConfig: scale, rsLoRA, validation; LoRA init like PEFT") {
+  CHECK(lora::LoRAConfig{}.scale() == doctest::Approx(2.0));
+  CHECK(lora::LoRAConfig{.rank = 16, .alpha = 32, .use_rslora = true}.scale() == doctest::Approx(8.0));
+  test::check_throws_with<ValueError>([] { lora::LoRAConfig{.rank = 0}.validate(); }, {"rank >= 1", "got 0"});
+  test::check_throws_with<ValueError>([] { lora::LoRAConfig{.dropout = 1.0}.validate(); }, {"dropout"});
+  Generator gen(3);
+  lora::LoRA l(64, 10, {.rank = 4}, gen);
+  CHECK(l.A.shape() == Shape{4, 64});
+  CHECK(l.B.shape() == Shape{10, 4});
+  const auto a = l.A.to_vector<double>();
+  const double bound = 1.0 / 8.0;
+  CHECK(*std::max_element(a.begin(), a.end()) <= bound);
+  CHECK(*std::min_element(a.begin(), a.end()) >= -bound);
+  CHECK(*std::max_element(a.begin(), a.end()) > 0.8 * bound);  // spread over the whole range
+  for (double b : l.B.to_vector<double>()) CHECK(b == 0.0);
+}
+
+TEST_CASE("target_modules: full path or any dotted tail, all-linear, no match lists the linears") {
+  nn::TransformerLM llama(tiny(true), 1), gpt(tiny(false), 1);
+  auto paths = [](const nn::Module& m, const std::string& p) {
+    std::vector<std::string> out;
+    for (auto& [n, l] : lora::match_linears(m, p)) out.push_back(n);
+    return out;
+  };
+  CHECK(paths(llama, "q_proj|v_proj") ==
+        std::vector<std::string>{"blocks.0.attn.q_proj", "blocks.0.attn.v_proj", "blocks.1.attn.q_proj",
+                                 "blocks.1.attn.v_proj"});
+  CHECK(paths(llama, "mlp.*").size() == 6);
+  CHECK(paths(llama, "blocks\\.1\\.mlp\\.down_proj") == std::vector<std::string>{"blocks.1.mlp.down_proj"});
+  CHECK(paths(llama, ".*").size() == 2 * 7 + 1);  // lm_head too
+  CHECK(paths(llama, "all-linear").size() == 2 * 7);
+  CHECK(paths(gpt, "proj") == std::vector<std::string>{"blocks.0.mlp.proj", "blocks.1.mlp.proj"});
+  CHECK(paths(gpt, "q_proj|k_proj|v_proj|o_proj|fc|proj").size() == 12);
+  CHECK(paths(gpt, ".*").size() == 12);  // tied embeddings: no lm_head linear
+  test::check_throws_with<ValueError>([&] { paths(llama, "c_attn"); },
+                                      {"'c_attn' matches no linear", "blocks.0.attn.q_proj", "lm_head"});
+  test::check_throws_with<ValueError>([&] { paths(llama, "q_proj("); }, {"not a valid regular expression"});
+}
+
+TEST_CASE("attach_lora: names, frozen base, a fresh adapter changes nothing, bad inputs") {
+  nn::TransformerLM model(tiny(true), 2);
+  model.eval();
+  const Tensor ids = ids_of({1, 5, 7, 2, 9, 11, 3, 4}, 2);
+  const Tensor before = model.forward(ids);
+  const auto base_names = param_names(model);
+  const auto paths = lora::attach_lora(model, "finance", {.rank = 4, .alpha = 8}, 11);
+  CHECK(paths.size() == 4);
+  CHECK(lora::lora_names(model) == std::vector<std::string>{"finance"});
+  CHECK(lora::active_lora(model) == "finance");
+  CHECK(lora::lora_paths(model, "finance") == paths);
+  const Tensor q_a = model.parameter("blocks.0.attn.q_proj.lora.finance.A");
+  CHECK(q_a.shape() == Shape{4, 16});
+  CHECK(model.parameter("blocks.1.attn.v_proj.lora.finance.B").shape() == Shape{8, 4});
+  for (auto& [n, t] : model.named_parameters())
+    CHECK_MESSAGE(t.requires_grad() == (n.find(".lora.") != std::string::npos), n);
+  CHECK(model.num_parameters(true) == 2 * (4 * 16 + 16 * 4 + 4 * 16 + 8 * 4));
+  CHECK(test::max_abs_diff(model.forward(ids), before) == 0.0);
+  // The same seed draws the same A.
+  nn::TransformerLM twin(tiny(true), 2);
+  lora::attach_lora(twin, "finance", {.rank = 4, .alpha = 8}, 11);
+  CHECK(test::max_abs_diff(twin.parameter("blocks.0.attn.q_proj.lora.finance.A"), q_a) == 0.0);
+
+  test::check_throws_with<ValueError>([&] { lora::attach_lora(model, "finance", {}); }, {"'finance' is attached already"});
+  test::check_throws_with<ValueError>([&] { lora::attach_lora(model, "x", {.rank = 0}); }, {"rank >= 1"});
+  test::check_throws_with<ValueError>([&] { lora::attach_lora(model, "a.b", {}); }, {"'a.b' is not valid"});
+  test::check_throws_with<ValueError>([&] { lora::attach_lora(model, "x", {.target_modules = "qproj"}); },
+                                      {"matches no linear", "blocks.0.attn.q_proj"});
+  test::check_throws_with<IndexError>([&] { lora::set_active_lora(model, "medicine"); },
+                                      {"no adapter named 'medicine'", "finance"});
+  CHECK(lora::lora_names(model) == std::vector<std::string>{"finance"});  // failed attaches left nothing
+  lora::remove_lora(model, "finance");
+  CHECK(param_names(model) == base_names);
+  CHECK(lora::lora_sites(model).empty());
+  test::check_throws_with<IndexError>([&] { lora::remove_lora(model, "finance"); }, {"no adapter named 'finance'"});
+}
+
+TEST_CASE("a frozen base gets no weight gradient: only A and B do, and no (Out x In) product is recorded") {
+  nn::TransformerLM model(tiny(true), 3);
+  lora::attach_lora(model, "a", {.rank = 2, .target_modules = "all-linear"}, 5);
+  randomize_B(model, "a", 9);
+  const Tensor ids = ids_of({1, 5, 7, 2, 9, 11, 3, 4}, 2);
+  const Tensor targets = ids_of({5, 7, 2, 9, 11, 3, 4, 1}, 2);
+  Tensor loss = model.loss(ids, targets);
+  // Walk the graph: every "linear" node must not want a gradient for its weight (input 1), so its
+  // backward never computes dW (moa/ops/matmul.hpp computes r[1] only when needs[1]).
+  int linear_nodes = 0, lora_nodes = 0;
+  std::vector<autograd::Node*> stack{loss.grad_fn().get()};
+  std::unordered_set<autograd::Node*> seen;
+  while (!stack.empty()) {
+    autograd::Node* n = stack.back();
+    stack.pop_back();
+    if (!n || !seen.insert(n).second) continue;
+    if (std::string(n->name) == "linear") {
+      ++linear_nodes;
+      CHECK(n->needs[1] == 0);
+      CHECK(n->needs[2] == 0);
+    }
+    if (std::string(n->name) == "lora_add") {
+      ++lora_nodes;
+      CHECK(n->needs[2] == 1);
+      CHECK(n->needs[3] == 1);
+    }
+    for (auto& e : n->edges) stack.push_back(e.node.get());
+  }
+  CHECK(lora_nodes == 14);
+  // 15 linears (lm_head too); the first layer's q/k/v see no grad-requiring input: no node at all.
+  CHECK(linear_nodes == 12);
+  loss.backward();
+  for (auto& [n, t] : model.named_parameters()) {
+    INFO(n);
+    CHECK(t.grad().defined() == (n.find(".lora.") != std::string::npos));
+  }
+}
+
+TEST_CASE("several adapters: switching, none, merge / unmerge, remove") {
+  nn::TransformerLM model(tiny(true), 4);
+  model.eval();
+  const Tensor ids = ids_of({1, 5, 7, 2, 9, 11, 3, 4, 0, 22}, 2);
+  const Tensor base_out = model.forward(ids);
+  lora::attach_lora(model, "finance", {.rank = 4, .alpha = 8, .target_modules = "q_proj|v_proj|down_proj"}, 1);
+  randomize_B(model, "finance", 2);
+  const Tensor fin = model.forward(ids);
+  lora::attach_lora(model, "medicine", {.rank = 2, .alpha = 4, .use_rslora = true, .target_modules = "mlp.*"}, 3);
+  randomize_B(model, "medicine", 4);
+  CHECK(lora::active_lora(model) == "medicine");
+  const Tensor med = model.forward(ids);
+  CHECK(test::max_abs_diff(fin, base_out) > 1e-3);
+  CHECK(test::max_abs_diff(med, base_out) > 1e-3);
+  CHECK(test::max_abs_diff(med, fin) > 1e-3);
+  lora::set_active_lora(model, "finance");
+  CHECK(test::max_abs_diff(model.forward(ids), fin) == 0.0);
+  lora::set_active_lora(model, "");
+  CHECK(lora::active_lora(model).empty());
+  CHECK(test::max_abs_diff(model.forward(ids), base_out) == 0.0);
+
+  // Merge: the same output from the merged weights; unmerge restores W.
+  const Tensor w_before = model.parameter("blocks.1.mlp.down_proj.weight").clone();
+  lora::merge_lora(model, "finance");
+  CHECK(lora::merged_lora(model) == "finance");
+  CHECK(test::max_abs_diff(model.parameter("blocks.1.mlp.down_proj.weight"), w_before) > 1e-3);
+  CHECK(test::max_abs_diff(model.forward(ids), fin) < 1e-5);
+  test::check_throws_with<ValueError>([&] { lora::set_active_lora(model, "medicine"); },
+                                      {"'finance' is merged", "unmerge"});
+  test::check_throws_with<ValueError>([&] { lora::merge_lora(model, "medicine"); }, {"merged", "already"});
+  test::check_throws_with<ValueError>([&] { lora::remove_lora(model, "finance"); }, {"merged", "unmerge"});
+  lora::unmerge_lora(model);
+  CHECK(lora::merged_lora(model).empty());
+  CHECK(lora::active_lora(model) == "finance");
+  CHECK(test::max_abs_diff(model.parameter("blocks.1.mlp.down_proj.weight"), w_before) < 1e-6);
+  CHECK(test::max_abs_diff(model.forward(ids), fin) < 1e-6);
+
+  // Remove one adapter: the other still works; the slot of q_proj (finance only) is gone.
+  lora::remove_lora(model, "finance");
+  CHECK(lora::lora_names(model) == std::vector<std::string>{"medicine"});
+  CHECK(lora::active_lora(model).empty());
+  CHECK(model.find_module("blocks.0.attn.q_proj.lora") == nullptr);
+  lora::set_active_lora(model, "medicine");
+  CHECK(test::max_abs_diff(model.forward(ids), med) < 1e-5);  // down_proj went through merge + unmerge
+}
+
+TEST_CASE("LoRA dropout: only in training, repeatable from the seed") {
+  nn::TransformerLM model(tiny(true), 5);
+  lora::attach_lora(model, "d", {.rank = 4, .dropout = 0.5}, 1);
+  randomize_B(model, "d", 2);
+  const Tensor ids = ids_of({1, 5, 7, 2, 9, 11}, 1);
+  model.eval();
+  const Tensor e1 = model.forward(ids), e2 = model.forward(ids);
+  CHECK(test::max_abs_diff(e1, e2) == 0.0);
+  model.train();
+  const Tensor t1 = model.forward(ids);
+  CHECK(test::max_abs_diff(t1, e1) > 1e-4);
+  nn::TransformerLM twin(tiny(true), 5);
+  lora::attach_lora(twin, "d", {.rank = 4, .dropout = 0.5}, 1);
+  randomize_B(twin, "d", 2);
+  CHECK(test::max_abs_diff(twin.forward(ids), t1) == 0.0);
+}
+
+TEST_CASE("GPT-2: rank 16 on every linear; AdamW on A and B alone lowers the loss, the base stays put") {
+  nn::TransformerConfig c = tiny(false);
+  c.init_std = 0.3;  // a base with weights of a trained model's size: logits can move far from uniform
+  nn::TransformerLM model(c, 6);
+  const auto paths = lora::attach_lora(model, "all", {.rank = 16, .alpha = 32, .target_modules = ".*"}, 7);
+  CHECK(paths.size() == 12);
+  CHECK(lora::attach_lora(model, "named", {.rank = 16, .target_modules = "q_proj|k_proj|v_proj|o_proj|fc|proj"}, 8,
+                          false)
+            .size() == 12);
+  lora::remove_lora(model, "named");
+  std::vector<std::pair<std::string, Tensor>> base;
+  for (auto& [n, t] : model.named_parameters())
+    if (n.find(".lora.") == std::string::npos) base.emplace_back(n, t.clone());
+  optim::AdamW opt(model.trainable_parameters(), {.lr = 1e-2, .weight_decay = 0.0});
+  CHECK(model.trainable_parameters().size() == 24);
+  const Tensor ids = ids_of({1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16}, 2);
+  const Tensor targets = ids_of({2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17}, 2);
+  double first = 0, last = 0;
+  for (int step = 0; step < 30; ++step) {
+    opt.zero_grad();
+    Tensor loss = model.loss(ids, targets);
+    loss.backward();
+    opt.step();
+    (step == 0 ? first : last) = loss.item<double>();
+  }
+  MESSAGE("loss " << first << " -> " << last);
+  CHECK(last < 0.5 * first);
+  for (auto& [n, t] : base) {
+    INFO(n);
+    CHECK(test::max_abs_diff(model.parameter(n), t) == 0.0);
+    CHECK(!model.parameter(n).grad().defined());
+  }
+}
