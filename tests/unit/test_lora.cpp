@@ -7,12 +7,20 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
 #include <set>
 #include <string>
 #include <unordered_set>
 
+#include <unistd.h>
+
 #include "moa/autograd/gradcheck.hpp"
+#include "moa/io/safetensors.hpp"
 #include "moa/lora/lora.hpp"
+#include "moa/lora/peft.hpp"
+#include "moa/nn/pretrained.hpp"
 #include "moa/nn/transformer.hpp"
 #include "moa/optim/adamw.hpp"
 #include "test_util.hpp"
@@ -288,4 +296,247 @@ TEST_CASE("GPT-2: rank 16 on every linear; AdamW on A and B alone lowers the los
     CHECK(test::max_abs_diff(model.parameter(n), t) == 0.0);
     CHECK(!model.parameter(n).grad().defined());
   }
+}
+
+// ---- PEFT format -----------------------------------------------------------------------------
+
+namespace {
+
+const std::string kLoraFixtures = std::string(MOA_TEST_FIXTURES) + "/lora/";
+
+// max |a - b| / max |b|
+double rel_err(const Tensor& a, const Tensor& b) {
+  REQUIRE(a.shape() == b.shape());
+  const auto av = a.to_vector<double>(), bv = b.to_vector<double>();
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < av.size(); ++i) {
+    num = std::max(num, std::abs(av[i] - bv[i]));
+    den = std::max(den, std::abs(bv[i]));
+  }
+  return den > 0 ? num / den : num;
+}
+
+std::string read_bytes(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+nlohmann::json read_json(const std::filesystem::path& p) { return nlohmann::json::parse(read_bytes(p)); }
+
+struct TempDir {
+  std::filesystem::path path;
+  TempDir() {
+    static int n = 0;
+    path = std::filesystem::temp_directory_path() /
+           ("moa_test_lora_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
+    std::filesystem::remove_all(path);
+    std::filesystem::create_directories(path);
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+};
+
+// The gradients of adapter `name` under PEFT's keys: GPT-2's fused c_attn gets the sum of the q, k
+// and v gradients of A (they share it in PEFT) and their B gradients stacked.
+io::TensorMap peft_grads(const nn::Module& model, const std::string& name, nn::HfFamily family) {
+  io::TensorMap out;
+  std::map<std::string, std::vector<Tensor>> fused_b;
+  for (const auto& s : lora::lora_sites(model)) {
+    if (!s.lora->has(name)) continue;
+    const auto& l = s.lora->get(name);
+    REQUIRE(l->A.grad().defined());
+    const auto t = lora::detail::hf_target_of(s.path, family);
+    const std::string k = "base_model.model." + t.hf_path;
+    if (t.part < 0) {
+      out[k + ".lora_A.weight"] = l->A.grad();
+      out[k + ".lora_B.weight"] = l->B.grad();
+    } else {
+      auto it = out.find(k + ".lora_A.weight");
+      out[k + ".lora_A.weight"] = it == out.end() ? l->A.grad() : it->second + l->A.grad();
+      fused_b[k].push_back(l->B.grad());
+    }
+  }
+  for (auto& [k, bs] : fused_b) out[k + ".lora_B.weight"] = concat(bs, 0);
+  return out;
+}
+
+void check_peft_parity(const std::string& adapter, const std::string& base_name, int expected_sites) {
+  INFO(adapter);
+  nn::Pretrained p = nn::load_hf_pretrained(std::string(MOA_TEST_FIXTURES) + "/lm/" + base_name);
+  nn::TransformerLM& model = *p.model;
+  model.eval();
+  const std::string dir = kLoraFixtures + adapter;
+  const auto ref = io::load_safetensors(dir + "/reference.safetensors").tensors;
+  const auto paths = lora::load_peft_adapter(model, "x", dir);
+  CHECK(static_cast<int>(paths.size()) == expected_sites);
+  CHECK(lora::active_lora(model) == "x");
+  const Tensor logits = model.forward(ref.at("ids"));
+  CHECK(rel_err(logits, ref.at("logits")) < 1e-4);
+  const Tensor loss = cross_entropy(logits, ref.at("targets"));
+  CHECK(std::abs(loss.item<double>() - ref.at("loss").item<double>()) < 1e-4 * ref.at("loss").item<double>());
+  loss.backward();
+  const auto grads = peft_grads(model, "x", p.info.family);
+  int checked = 0;
+  for (const auto& [k, t] : ref) {
+    if (k.rfind("grad.", 0) != 0) continue;
+    INFO(k);
+    REQUIRE(grads.count(k.substr(5)));
+    CHECK(rel_err(grads.at(k.substr(5)), t) < 1e-4);
+    ++checked;
+  }
+  CHECK(checked == static_cast<int>(grads.size()));
+  for (auto& [n, t] : model.named_parameters())
+    if (n.find(".lora.") == std::string::npos) CHECK(!t.grad().defined());
+
+  // Saved back by us: the tensors byte for byte as PEFT wrote them, and the config's fields.
+  TempDir tmp;
+  lora::save_peft_adapter(model, "x", tmp.path, {.base_model_name_or_path = "../lm/" + base_name});
+  CHECK(read_bytes(tmp.path / "adapter_model.safetensors") == read_bytes(dir + "/adapter_model.safetensors"));
+  const auto ours = read_json(tmp.path / "adapter_config.json"), theirs = read_json(dir + "/adapter_config.json");
+  for (const char* k : {"peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "task_type",
+                        "fan_in_fan_out", "base_model_name_or_path", "use_dora", "lora_bias", "rank_pattern",
+                        "alpha_pattern", "modules_to_save", "init_lora_weights", "layers_to_transform"}) {
+    INFO(k);
+    CHECK(ours.at(k) == theirs.at(k));
+  }
+  auto as_set = [](const nlohmann::json& j) { return j.get<std::set<std::string>>(); };
+  CHECK(as_set(ours.at("target_modules")) == as_set(theirs.at("target_modules")));
+  // Loaded again: the same model output.
+  lora::load_peft_adapter(model, "y", tmp.path);
+  CHECK(test::max_abs_diff(model.forward(ref.at("ids")), logits) == 0.0);
+
+  if (adapter == "llama_qv_mlp" && std::getenv("MOA_LORA_WRITE_FIXTURES")) {
+    // For gen_lora_fixtures.py: PEFT must load what our saver writes.
+    lora::save_peft_adapter(model, "x", kLoraFixtures + "llama_ours", {.base_model_name_or_path = "../lm/llama"});
+  }
+}
+
+}  // namespace
+
+TEST_CASE("PEFT adapters (Llama q/v/MLP, Llama rsLoRA, GPT-2 fused c_attn): logits, loss, LoRA gradients, "
+          "saved back byte for byte") {
+  check_peft_parity("llama_qv_mlp", "llama", 2 * 5);
+  check_peft_parity("llama_rslora", "llama", 2 * 3);
+  check_peft_parity("gpt2_all", "gpt2", 2 * 6);  // c_attn -> q, k, v; c_proj (attn and mlp); c_fc
+}
+
+TEST_CASE("PEFT: an adapter written by our saver is what PEFT loads (checked by gen_lora_fixtures.py)") {
+  const std::string ours = kLoraFixtures + "llama_ours";
+  REQUIRE(std::filesystem::exists(ours + "/peft_check.json"));
+  const auto check = read_json(ours + "/peft_check.json");
+  CHECK(check.at("logits_rel_err_vs_llama_qv_mlp").get<double>() < 1e-6);
+  // And our own forward with it gives PEFT's logits for the adapter it came from.
+  nn::Pretrained p = nn::load_hf_pretrained(std::string(MOA_TEST_FIXTURES) + "/lm/llama");
+  p.model->eval();
+  lora::load_peft_adapter(*p.model, "ours", ours);
+  const auto ref = io::load_safetensors(kLoraFixtures + "llama_qv_mlp/reference.safetensors").tensors;
+  CHECK(rel_err(p.model->forward(ref.at("ids")), ref.at("logits")) < 1e-4);
+}
+
+TEST_CASE("PEFT: GPT-2 q/k/v share c_attn's A: subsets save with zero rows, different A's are refused") {
+  nn::TransformerLM model(tiny(false), 8);
+  model.eval();
+  lora::attach_lora(model, "qv", {.rank = 2, .alpha = 4, .target_modules = "q_proj|v_proj|fc"}, 1);
+  randomize_B(model, "qv", 2);
+  TempDir tmp;
+  test::check_throws_with<ValueError>([&] { lora::save_peft_adapter(model, "qv", tmp.path); },
+                                      {"different A on blocks.0.attn.q_proj and blocks.0.attn.v_proj", "c_attn"});
+  CHECK(!std::filesystem::exists(tmp.path / "adapter_model.safetensors"));
+  {
+    NoGradGuard ng;
+    for (int l = 0; l < 2; ++l) {
+      const std::string b = "blocks." + std::to_string(l) + ".attn.";
+      model.parameter(b + "v_proj.lora.qv.A").detach().copy_(model.parameter(b + "q_proj.lora.qv.A"));
+    }
+  }
+  const Tensor ids = ids_of({1, 2, 3, 4, 5, 6}, 1);
+  const Tensor expected = model.forward(ids);
+  lora::save_peft_adapter(model, "qv", tmp.path);
+  const auto st = io::load_safetensors(tmp.path / "adapter_model.safetensors").tensors;
+  const Tensor b0 = st.at("base_model.model.transformer.h.0.attn.c_attn.lora_B.weight");
+  CHECK(b0.shape() == Shape{48, 2});
+  CHECK(test::max_abs_diff(b0.narrow(0, 16, 16), Tensor::zeros({16, 2})) == 0.0);  // k: no adapter
+  CHECK(st.count("base_model.model.transformer.h.1.mlp.c_fc.lora_A.weight"));
+  const auto cfg = read_json(tmp.path / "adapter_config.json");
+  CHECK(cfg.at("fan_in_fan_out") == true);
+  CHECK(cfg.at("target_modules").get<std::set<std::string>>() == std::set<std::string>{"c_attn", "c_fc"});
+  CHECK(cfg.at("base_model_name_or_path").is_null());
+  lora::set_active_lora(model, "");
+  const auto paths = lora::load_peft_adapter(model, "back", tmp.path);
+  CHECK(paths.size() == 8);  // q, k, v, fc per block
+  CHECK(test::max_abs_diff(model.forward(ids), expected) < 1e-6);
+}
+
+TEST_CASE("PEFT: bad adapters are clear errors and leave the model unchanged") {
+  nn::Pretrained p = nn::load_hf_pretrained(std::string(MOA_TEST_FIXTURES) + "/lm/llama");
+  nn::TransformerLM& model = *p.model;
+  const std::string good = kLoraFixtures + "llama_qv_mlp";
+  auto names = [&] { return lora::lora_names(model); };
+  TempDir tmp;
+  auto write = [&](const io::TensorMap& t, const nlohmann::json& cfg) {
+    io::save_safetensors(tmp.path / "adapter_model.safetensors", t);
+    std::ofstream(tmp.path / "adapter_config.json") << cfg.dump();
+  };
+  const auto tensors = io::load_safetensors(good + "/adapter_model.safetensors").tensors;
+  const auto cfg = read_json(good + "/adapter_config.json");
+  const std::string qa = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+
+  {  // a wrong shape
+    auto t = tensors;
+    t[qa] = Tensor::zeros({4, 31});
+    write(t, cfg);
+    test::check_throws_with<ShapeError>([&] { lora::load_peft_adapter(model, "bad", tmp.path); },
+                                        {qa, "expected shape [4, 32]", "got [4, 31]"});
+  }
+  {  // a rank that disagrees with r
+    auto c = cfg;
+    c["r"] = 8;
+    write(tensors, c);
+    test::check_throws_with<ShapeError>([&] { lora::load_peft_adapter(model, "bad", tmp.path); },
+                                        {"expected shape [8, ", "got [4, "});
+  }
+  {  // a module the model does not have
+    auto t = tensors;
+    t["base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight"] = Tensor::zeros({4, 32});
+    t["base_model.model.model.layers.5.self_attn.q_proj.lora_B.weight"] = Tensor::zeros({32, 4});
+    write(t, cfg);
+    test::check_throws_with<IndexError>([&] { lora::load_peft_adapter(model, "bad", tmp.path); },
+                                        {"model.layers.5.self_attn.q_proj", "does not have"});
+  }
+  {  // an unsupported tensor, and an A without its B
+    auto t = tensors;
+    t["base_model.model.lm_head.base_layer.weight"] = Tensor::zeros({97, 32});
+    write(t, cfg);
+    test::check_throws_with<IndexError>([&] { lora::load_peft_adapter(model, "bad", tmp.path); },
+                                        {"unsupported tensor 'base_model.model.lm_head.base_layer.weight'"});
+    t = tensors;
+    t.erase("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight");
+    write(t, cfg);
+    test::check_throws_with<ValueError>([&] { lora::load_peft_adapter(model, "bad", tmp.path); },
+                                        {qa, "no matching lora_B"});
+  }
+  {  // settings we cannot represent
+    for (const auto& [k, v] : std::vector<std::pair<std::string, nlohmann::json>>{
+             {"use_dora", true}, {"bias", "all"}, {"rank_pattern", {{"q_proj", 8}}}, {"peft_type", "IA3"},
+             {"r", 0}, {"modules_to_save", {"lm_head"}}}) {
+      auto c = cfg;
+      c[k] = v;
+      write(tensors, c);
+      INFO(k);
+      test::check_throws_with<ValueError>([&] { lora::load_peft_adapter(model, "bad", tmp.path); }, {k});
+    }
+  }
+  test::check_throws_with<IOError>([&] { lora::load_peft_adapter(model, "bad", tmp.path / "nowhere"); },
+                                   {"adapter_config.json", "does not exist"});
+  // A Llama adapter on GPT-2.
+  nn::Pretrained g = nn::load_hf_pretrained(std::string(MOA_TEST_FIXTURES) + "/lm/gpt2");
+  test::check_throws_with<IndexError>([&] { lora::load_peft_adapter(*g.model, "bad", good); },
+                                      {"model.layers.0", "GPT-2 model does not have"});
+  CHECK(names().empty());
+  CHECK(lora::lora_names(*g.model).empty());
+  CHECK(model.num_parameters(true) == model.num_parameters());  // nothing frozen either
+  // The good one loads; its name cannot be taken twice.
+  lora::load_peft_adapter(model, "good", good);
+  test::check_throws_with<ValueError>([&] { lora::load_peft_adapter(model, "good", good); }, {"attached already"});
 }

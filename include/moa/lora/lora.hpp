@@ -95,23 +95,23 @@ inline std::string active_lora(const nn::Module& model) {
   return {};
 }
 
-// Attaches a new adapter `name` to every Linear of `model` that config.target_modules selects and
-// returns their paths. A is drawn from Generator(seed), B is zero. Afterwards the base is frozen
-// (every parameter that is not a LoRA A or B gets requires_grad = false, so its weight gradient is
-// never computed) and the new A and B require grad. With `activate`, the new adapter becomes the
-// active one (set_active_lora). Errors: ValueError for a bad config, a pattern that matches no
-// linear (the message lists the linears), a name in use, a linear that holds a non-LoRA adapter.
-inline std::vector<std::string> attach_lora(nn::Module& model, const std::string& name, const LoRAConfig& config,
-                                            std::uint64_t seed = 0, bool activate = true) {
+// Attaches a new adapter `name` to the given linears of `model` (paths and Linears as named_linears
+// gives them) and returns their paths; see attach_lora. The adapters' config keeps
+// config.target_modules as given.
+inline std::vector<std::string> attach_lora_at(nn::Module& model, const std::string& name, const LoRAConfig& config,
+                                               const NamedLinears& targets, std::uint64_t seed = 0,
+                                               bool activate = true) {
   check_adapter_name(name);
   config.validate();
   const auto names = lora_names(model);
   MOA_CHECK(std::find(names.begin(), names.end(), name) == names.end(), ValueError, "attach_lora: an adapter named '",
             name, "' is attached already");
-  const NamedLinears targets = match_linears(model, config.target_modules);
-  for (const auto& [path, lin] : targets)
+  MOA_CHECK(!targets.empty(), ValueError, "attach_lora: no linear to attach adapter '", name, "' to");
+  for (const auto& [path, lin] : targets) {
+    MOA_CHECK(lin != nullptr, ValueError, "attach_lora: the linear at ", path, " is null");
     MOA_CHECK(!lin->adapter() || std::dynamic_pointer_cast<LoRALinear>(lin->adapter()), ValueError, "attach_lora: ",
               path, " holds an adapter that is not a LoRA slot");
+  }
   Generator gen(seed);
   std::vector<std::string> paths;
   std::uint64_t k = 0;
@@ -131,6 +131,19 @@ inline std::vector<std::string> attach_lora(nn::Module& model, const std::string
   detail::freeze_base(model);
   if (activate) set_active_lora(model, name);
   return paths;
+}
+
+// Attaches a new adapter `name` to every Linear of `model` that config.target_modules selects and
+// returns their paths. A is drawn from Generator(seed), B is zero. Afterwards the base is frozen
+// (every parameter that is not a LoRA A or B gets requires_grad = false, so its weight gradient is
+// never computed) and the new A and B require grad. With `activate`, the new adapter becomes the
+// active one (set_active_lora). Errors: ValueError for a bad config, a pattern that matches no
+// linear (the message lists the linears), a name in use, a linear that holds a non-LoRA adapter.
+inline std::vector<std::string> attach_lora(nn::Module& model, const std::string& name, const LoRAConfig& config,
+                                            std::uint64_t seed = 0, bool activate = true) {
+  check_adapter_name(name);
+  config.validate();
+  return attach_lora_at(model, name, config, match_linears(model, config.target_modules), seed, activate);
 }
 
 // The parameters of adapter `name` with their full dotted names (A and B of every site).

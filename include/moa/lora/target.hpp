@@ -2,6 +2,7 @@
 // module tree with its dotted path, and the target_modules pattern of LoRAConfig (see config.hpp).
 #pragma once
 
+#include <algorithm>
 #include <memory>
 #include <regex>
 #include <string>
@@ -84,6 +85,35 @@ inline NamedLinears match_linears(const nn::Module& root, const std::string& pat
     for (std::size_t i = 0; i < all.size(); ++i) avail += (i ? ", " : "") + all[i].first;
     throw ValueError(::moa::detail::cat("LoRA target_modules '", pattern, "' matches no linear map; the model has: ",
                                         all.empty() ? std::string("(none)") : avail));
+  }
+  return out;
+}
+
+// A target_modules pattern that selects exactly `chosen` among `all` paths: the alternation of
+// their last components ("q_proj|v_proj") when that selects no other path, else the alternation
+// of the full paths with dots escaped ("blocks\\.0\\.attn\\.q_proj|...").
+inline std::string pattern_for_paths(const std::vector<std::string>& all, const std::vector<std::string>& chosen) {
+  auto last = [](const std::string& p) {
+    const auto dot = p.rfind('.');
+    return dot == std::string::npos ? p : p.substr(dot + 1);
+  };
+  std::vector<std::string> names;
+  for (const auto& p : chosen)
+    if (std::find(names.begin(), names.end(), last(p)) == names.end()) names.push_back(last(p));
+  bool exact = true;
+  for (const auto& p : all) {
+    const bool named = std::find(names.begin(), names.end(), last(p)) != names.end();
+    const bool wanted = std::find(chosen.begin(), chosen.end(), p) != chosen.end();
+    exact = exact && named == wanted;
+  }
+  std::string out;
+  if (exact) {
+    for (const auto& n : names) out += (out.empty() ? "" : "|") + n;
+    return out;
+  }
+  for (const auto& p : chosen) {
+    out += out.empty() ? "" : "|";
+    for (char c : p) out += c == '.' ? std::string("\\.") : std::string(1, c);
   }
   return out;
 }
