@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <string>
 #include <variant>
@@ -136,7 +137,10 @@ class TransformerLM : public Module {
     }
     Generator* dg = (c_.dropout > 0 && is_training()) ? &dropout_gen_ : nullptr;
     if (dg) x = dropout(x, c_.dropout, *dg, true);
-    for (std::size_t l = 0; l < blocks.size(); ++l) x = blocks[l]->forward(x, cache, static_cast<int64_t>(l), dg);
+    for (std::size_t l = 0; l < blocks.size(); ++l) {
+      if (block_hook) block_hook(static_cast<int64_t>(l), x);
+      x = blocks[l]->forward(x, cache, static_cast<int64_t>(l), dg);
+    }
     if (cache)
       for (auto& n : cache->lengths) n += T;
     return ln_f ? ln_f->forward(x) : rms_f->forward(x);
@@ -165,6 +169,9 @@ class TransformerLM : public Module {
   }
 
   Generator& dropout_generator() { return dropout_gen_; }
+
+  // Called with each block's input (B, T, C) before the block runs: where routers look (MoA).
+  std::function<void(int64_t layer, const Tensor& x)> block_hook;
 
   std::shared_ptr<Embedding> tok_emb, pos_emb;
   std::vector<std::shared_ptr<Block>> blocks;

@@ -1,0 +1,381 @@
+// moa/mixture/moa.hpp: Mixture-of-LoRAs: one frozen base model, one LoRA expert per domain beside
+// every targeted linear, and a router before every transformer layer.
+//
+// Routing is per sequence and top-1. With known domains (training, stage 2) every sequence goes
+// through its own domain's expert and each router learns to predict that domain (teacher forcing).
+// With unknown domains, route() runs the prompt with each layer using its own router's choice, then
+// picks one expert per sequence by the last router or the vote of all routers; that expert then
+// serves the whole sequence. Rows of a batch that go to different experts are grouped per expert
+// (grouped_lora), so a mixed batch costs about one LoRA's products.
+//
+// Token-level top-k routing over the same experts (the MoE-LoRA ablation) is the `token_topk` mode.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include "moa/nn/transformer.hpp"
+#include "moa/ops/grouped_lora.hpp"
+#include "moa/ops/loss.hpp"
+#include "moa/ops/softmax.hpp"
+
+namespace moa::mixture {
+
+enum class Pooling { mean, last };          // router input: prompt tokens' mean, or the last prompt token
+enum class Selection { last_router, vote };  // which router decides at inference
+enum class RoutingMode { sequence, token_topk };
+
+struct MoAConfig {
+  std::vector<std::string> domains;            // one expert per domain, in label order
+  int64_t rank = 8;
+  double alpha = 16;
+  bool use_rslora = false;                     // scale alpha / sqrt(rank) instead of alpha / rank
+  std::string target_modules = "q_proj|v_proj";  // regex on a linear's last name component(s)
+  Pooling pooling = Pooling::mean;
+  Selection selection = Selection::last_router;
+  double eta = 1.0;                            // weight of the routing loss
+  RoutingMode mode = RoutingMode::sequence;
+  int64_t top_k = 2;                           // token_topk: experts per token
+  double balance_weight = 0.01;                // token_topk: load-balancing loss weight
+  double scale() const { return use_rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank); }
+};
+
+// What every MoA adapter of the model reads during one forward.
+struct RoutingState {
+  RoutingMode mode = RoutingMode::sequence;
+  int64_t T = 0;                                    // tokens per sequence
+  std::vector<std::vector<int32_t>> seq_expert;     // [layer][b]: the expert of sequence b in that layer
+  // token_topk: per layer, the (row, expert, weight) assignments.
+  std::vector<std::vector<int32_t>> rows, experts;
+  std::vector<Tensor> weights;
+};
+
+// One expert beside one linear: A (R, In), B (Out, R), PEFT's init (A uniform, B zero).
+class Expert : public nn::Module {
+ public:
+  Expert(int64_t in, int64_t out, int64_t rank, Generator& gen) {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(in));
+    lora_A = register_parameter("lora_A.weight", Tensor::rand({rank, in}, gen, DType::f32, -bound, bound));
+    lora_B = register_parameter("lora_B.weight", Tensor::zeros({out, rank}));
+  }
+  Tensor lora_A, lora_B;
+};
+
+// The experts of one linear; the output adds the routed expert's part to the frozen base output.
+class MoAAdapter : public nn::LinearAdapter {
+ public:
+  MoAAdapter(int64_t layer, int64_t in, int64_t out, const MoAConfig& c, std::shared_ptr<RoutingState> routing,
+             Generator& gen)
+      : layer_(layer), in_(in), out_(out), rank_(c.rank), scale_(c.scale()), routing_(std::move(routing)) {
+    experts_ = register_module("experts", std::make_shared<nn::ModuleList<Expert>>());
+    for (std::size_t e = 0; e < c.domains.size(); ++e) experts_->push_back(std::make_shared<Expert>(in, out, c.rank, gen));
+  }
+
+  Tensor forward(const Tensor& x, const Tensor& base_out) override {
+    const int64_t N = x.numel() / in_;
+    std::vector<Tensor> A, B;
+    for (const auto& e : *experts_) {
+      A.push_back(e->lora_A);
+      B.push_back(e->lora_B);
+    }
+    const RoutingState& r = *routing_;
+    Tensor delta;
+    if (r.mode == RoutingMode::sequence) {
+      const auto& se = r.seq_expert.at(static_cast<std::size_t>(layer_));
+      MOA_CHECK(static_cast<int64_t>(se.size()) * r.T == N, ShapeError, "MoA: routing gives ", se.size(),
+                " sequences of ", r.T, " tokens, the layer input has ", N, " rows");
+      std::vector<int32_t> rows(static_cast<std::size_t>(N)), experts(static_cast<std::size_t>(N));
+      for (int64_t n = 0; n < N; ++n) {
+        rows[n] = static_cast<int32_t>(n);
+        experts[n] = se[static_cast<std::size_t>(n / r.T)];
+      }
+      delta = grouped_lora(x.reshape({N, in_}), A, B, rows, experts, Tensor(), scale_);
+    } else {
+      const auto l = static_cast<std::size_t>(layer_);
+      delta = grouped_lora(x.reshape({N, in_}), A, B, r.rows.at(l), r.experts.at(l), r.weights.at(l), scale_);
+    }
+    return base_out + delta.view(base_out.shape());
+  }
+
+  std::shared_ptr<nn::ModuleList<Expert>> experts() const { return experts_; }
+  int64_t layer() const { return layer_; }
+
+  void add_expert(Generator& gen) { experts_->push_back(std::make_shared<Expert>(in_, out_, rank_, gen)); }
+  void remove_expert(std::size_t e) {
+    // Rebuild the list without expert e (the names 0..E-2 stay dense).
+    auto fresh = std::make_shared<nn::ModuleList<Expert>>();
+    for (std::size_t i = 0; i < experts_->size(); ++i)
+      if (i != e) fresh->push_back((*experts_)[i]);
+    remove_child("experts");
+    experts_ = register_module("experts", fresh);
+  }
+
+ private:
+  int64_t layer_, in_, out_, rank_;
+  double scale_;
+  std::shared_ptr<RoutingState> routing_;
+  std::shared_ptr<nn::ModuleList<Expert>> experts_;
+};
+
+// A linear map from the pooled layer input (C) to E logits, no bias.
+class Router : public nn::Module {
+ public:
+  Router(int64_t dim, int64_t E, Generator& gen) {
+    weight = register_parameter("weight", Tensor::randn({E, dim}, gen, DType::f32, 0.0, 0.02));
+  }
+  Tensor weight;
+};
+
+// Batch inputs for MoA: ids (B, T), targets (B, T) with -100 where no loss, prompt_mask (B, T)
+// f32 with 1 on the prompt's non-padding tokens (what routers pool), domain (B) labels (or empty).
+struct MoABatch {
+  Tensor ids, targets, prompt_mask;
+  std::vector<int32_t> domain;
+};
+
+class MoAModel : public nn::Module {
+ public:
+  MoAModel(std::shared_ptr<nn::TransformerLM> base, MoAConfig config, std::uint64_t seed = 7)
+      : base_(std::move(base)), c_(std::move(config)), gen_(seed) {
+    MOA_CHECK(!c_.domains.empty(), ValueError, "MoAModel: expected at least one expert (domain), got zero");
+    MOA_CHECK(c_.rank > 0, ValueError, "MoAModel: expected rank > 0, got ", c_.rank);
+    base_->freeze();
+    register_module("base", base_);
+    routing_ = std::make_shared<RoutingState>();
+    const std::regex target(c_.target_modules);
+    int64_t attached = 0;
+    for (int64_t l = 0; l < base_->config().n_layers; ++l) {
+      auto block = base_->blocks[static_cast<std::size_t>(l)];
+      for (auto& [path, lin] : linears_of(*block)) {
+        if (!std::regex_search(path, target)) continue;
+        auto ad = std::make_shared<MoAAdapter>(l, lin->in_features(), lin->out_features(), c_, routing_, gen_);
+        lin->set_adapter("moa", ad);
+        adapters_.push_back(ad);
+        ++attached;
+      }
+    }
+    MOA_CHECK(attached > 0, ValueError, "MoAModel: target_modules '", c_.target_modules, "' matches no linear");
+    auto list = register_module("routers", std::make_shared<nn::ModuleList<Router>>());
+    for (int64_t l = 0; l < base_->config().n_layers; ++l)
+      routers_.push_back(list->push_back(std::make_shared<Router>(base_->config().dim, num_experts(), gen_)));
+  }
+  ~MoAModel() override { base_->block_hook = nullptr; }
+
+  const MoAConfig& config() const { return c_; }
+  nn::TransformerLM& base() { return *base_; }
+  int64_t num_experts() const { return static_cast<int64_t>(c_.domains.size()); }
+  const std::vector<std::shared_ptr<MoAAdapter>>& adapters() const { return adapters_; }
+  const std::vector<std::shared_ptr<Router>>& routers() const { return routers_; }
+
+  int32_t domain_index(const std::string& name) const {
+    for (std::size_t e = 0; e < c_.domains.size(); ++e)
+      if (c_.domains[e] == name) return static_cast<int32_t>(e);
+    throw IndexError(::moa::detail::cat("MoAModel: unknown domain '", name, "' (known: ", c_.domains, ")"));
+  }
+
+  // Router logits (B, E) of layer l from that layer's input x (B, T, C).
+  Tensor router_logits(int64_t l, const Tensor& x, const Tensor& prompt_mask) const {
+    const Tensor& w = routers_[static_cast<std::size_t>(l)]->weight;
+    Tensor pooled;
+    if (c_.pooling == Pooling::mean) {
+      const Tensor m = prompt_mask.unsqueeze(2);                      // (B, T, 1)
+      pooled = sum(x * m, {1}) / sum(m, {1});                         // (B, C)
+    } else {
+      // the last prompt token of each row
+      const auto mv = prompt_mask.to_vector<float>();
+      const int64_t Bn = x.size(0), T = x.size(1);
+      std::vector<int32_t> last(static_cast<std::size_t>(Bn), 0);
+      for (int64_t b = 0; b < Bn; ++b)
+        for (int64_t t = 0; t < T; ++t)
+          if (mv[static_cast<std::size_t>(b * T + t)] > 0) last[b] = static_cast<int32_t>(t);
+      std::vector<int32_t> idx;
+      for (int64_t b = 0; b < Bn; ++b)
+        for (int64_t c = 0; c < x.size(2); ++c) idx.push_back(last[b]);
+      pooled = gather(x, 1, Tensor::from_vector(idx, {Bn, 1, x.size(2)})).squeeze(1);
+    }
+    // (choice) RMS-normalise the pooled vector: layer inputs differ in scale by orders of magnitude
+    // (the first layer sees raw embeddings), and the router should not depend on it.
+    pooled = pooled / sqrt(shift(mean(pooled * pooled, {1}, true), 1e-6));
+    return linear(pooled, w);  // (B, E)
+  }
+
+  // Teacher-forced forward: sequence b through expert experts[b] in every layer. Returns the logits
+  // (B, T, V) and fills router_logits (one (B, E) per layer).
+  Tensor forward(const MoABatch& b, const std::vector<int32_t>& experts, std::vector<Tensor>* router_logits = nullptr) {
+    check_batch(b, experts);
+    const int64_t L = base_->config().n_layers;
+    routing_->mode = RoutingMode::sequence;
+    routing_->T = b.ids.size(1);
+    routing_->seq_expert.assign(static_cast<std::size_t>(L), experts);
+    if (router_logits) {
+      router_logits->clear();
+      base_->block_hook = [&](int64_t l, const Tensor& x) { router_logits->push_back(router_logits_of(l, x, b)); };
+    }
+    Tensor logits = base_->forward(b.ids);
+    base_->block_hook = nullptr;
+    return logits;
+  }
+
+  // Stage-2 loss: L_LM + eta * mean over layers of CE(router_l, domain). Returns {total, lm, cls}.
+  std::vector<Tensor> loss(const MoABatch& b) {
+    MOA_CHECK(b.domain.size() == static_cast<std::size_t>(b.ids.size(0)), ValueError,
+              "MoAModel::loss: expected a domain label per sequence");
+    std::vector<Tensor> rl;
+    const Tensor logits = forward(b, b.domain, c_.eta > 0 ? &rl : nullptr);
+    const Tensor lm = cross_entropy(logits, b.targets);
+    if (c_.eta <= 0) return {lm, lm, Tensor()};
+    const Tensor labels = Tensor::from_vector(b.domain, {static_cast<int64_t>(b.domain.size())});
+    Tensor cls;
+    for (const Tensor& r : rl) cls = cls.defined() ? cls + cross_entropy(r, labels) : cross_entropy(r, labels);
+    cls = scale(cls, 1.0 / static_cast<double>(rl.size()));
+    return {lm + scale(cls, c_.eta), lm, cls};
+  }
+
+  // Unknown domains: each layer uses its own router's choice while the prompt runs; then the last
+  // router (or the vote of all) picks one expert per sequence. Also returns every layer's choice.
+  std::vector<int32_t> route(const MoABatch& b, std::vector<std::vector<int32_t>>* per_layer = nullptr) {
+    NoGradGuard no_grad;
+    const int64_t L = base_->config().n_layers, Bn = b.ids.size(0);
+    routing_->mode = RoutingMode::sequence;
+    routing_->T = b.ids.size(1);
+    routing_->seq_expert.assign(static_cast<std::size_t>(L), std::vector<int32_t>(static_cast<std::size_t>(Bn), 0));
+    std::vector<std::vector<int32_t>> choice(static_cast<std::size_t>(L));
+    base_->block_hook = [&](int64_t l, const Tensor& x) {
+      const Tensor lg = router_logits_of(l, x, b).contiguous();
+      const float* p = lg.data<float>();
+      auto& ch = choice[static_cast<std::size_t>(l)];
+      for (int64_t i = 0; i < Bn; ++i)
+        ch.push_back(static_cast<int32_t>(std::max_element(p + i * num_experts(), p + (i + 1) * num_experts()) - (p + i * num_experts())));
+      routing_->seq_expert[static_cast<std::size_t>(l)] = ch;
+    };
+    const bool was = base_->is_training();
+    base_->eval();
+    (void)base_->hidden(b.ids);
+    base_->train(was);
+    base_->block_hook = nullptr;
+    std::vector<int32_t> pick(static_cast<std::size_t>(Bn));
+    for (int64_t i = 0; i < Bn; ++i) {
+      if (c_.selection == Selection::last_router) {
+        pick[i] = choice.back()[i];
+      } else {
+        std::vector<int64_t> votes(static_cast<std::size_t>(num_experts()), 0);
+        for (const auto& ch : choice) ++votes[ch[i]];  // ties: the lower index
+        pick[i] = static_cast<int32_t>(std::max_element(votes.begin(), votes.end()) - votes.begin());
+      }
+    }
+    if (per_layer) *per_layer = choice;
+    return pick;
+  }
+
+  // Sets every adapter to use expert[b] for sequence b in every layer (for generation and
+  // evaluation after route()). The state holds until the next forward/route call.
+  void use_experts(const std::vector<int32_t>& experts, int64_t T) {
+    for (int32_t e : experts)
+      MOA_CHECK(e >= 0 && e < num_experts(), IndexError, "MoAModel: expert index ", e, " is outside [0, ",
+                num_experts(), ")");
+    routing_->mode = RoutingMode::sequence;
+    routing_->T = T;
+    routing_->seq_expert.assign(static_cast<std::size_t>(base_->config().n_layers), experts);
+  }
+
+  // A new domain's expert (fresh LoRA init) and a new router row per layer; other experts untouched.
+  void add_expert(const std::string& domain) {
+    for (const auto& d : c_.domains)
+      MOA_CHECK(d != domain, ValueError, "MoAModel::add_expert: domain '", domain, "' exists already");
+    c_.domains.push_back(domain);
+    for (auto& ad : adapters_) ad->add_expert(gen_);
+    for (auto& r : routers_) {
+      NoGradGuard ng;
+      Tensor fresh = Tensor::randn({1, base_->config().dim}, gen_, DType::f32, 0.0, 0.02);
+      Tensor w = concat({r->weight.detach(), fresh}, 0);
+      r->weight.impl().shape = w.shape();  // grow in place: the handle (and optimizer references) stay valid
+      r->weight.impl().strides = w.strides();
+      r->weight.impl().storage = w.storage();
+      r->weight.impl().offset = 0;
+      r->weight.zero_grad();
+    }
+  }
+
+  void remove_expert(const std::string& domain) {
+    const int32_t e = domain_index(domain);
+    MOA_CHECK(num_experts() > 1, ValueError, "MoAModel::remove_expert: cannot remove the last expert");
+    c_.domains.erase(c_.domains.begin() + e);
+    for (auto& ad : adapters_) ad->remove_expert(static_cast<std::size_t>(e));
+    for (auto& r : routers_) {
+      NoGradGuard ng;
+      std::vector<Tensor> keep;
+      if (e > 0) keep.push_back(r->weight.detach().narrow(0, 0, e));
+      if (e + 1 < r->weight.size(0)) keep.push_back(r->weight.detach().narrow(0, e + 1, r->weight.size(0) - e - 1));
+      Tensor w = concat(keep, 0);
+      r->weight.impl().shape = w.shape();
+      r->weight.impl().strides = w.strides();
+      r->weight.impl().storage = w.storage();
+      r->weight.impl().offset = 0;
+      r->weight.zero_grad();
+    }
+  }
+
+  // The parameters of expert e across all adapted linears (to train or freeze one expert).
+  std::vector<Tensor> expert_parameters(int64_t e) const {
+    std::vector<Tensor> out;
+    for (const auto& ad : adapters_) {
+      out.push_back((*ad->experts())[static_cast<std::size_t>(e)]->lora_A);
+      out.push_back((*ad->experts())[static_cast<std::size_t>(e)]->lora_B);
+    }
+    return out;
+  }
+  std::vector<Tensor> router_parameters() const {
+    std::vector<Tensor> out;
+    for (const auto& r : routers_) out.push_back(r->weight);
+    return out;
+  }
+
+ private:
+  Tensor router_logits_of(int64_t l, const Tensor& x, const MoABatch& b) const {
+    return router_logits(l, x, b.prompt_mask.defined() ? b.prompt_mask : Tensor::ones({x.size(0), x.size(1)}));
+  }
+
+  void check_batch(const MoABatch& b, const std::vector<int32_t>& experts) const {
+    MOA_CHECK(b.ids.defined() && b.ids.dim() == 2, ShapeError, "MoAModel: expected ids (B, T)");
+    MOA_CHECK(static_cast<int64_t>(experts.size()) == b.ids.size(0), ShapeError, "MoAModel: expected ", b.ids.size(0),
+              " expert indices (one per sequence), got ", experts.size());
+    for (std::size_t i = 0; i < experts.size(); ++i)
+      MOA_CHECK(experts[i] >= 0 && experts[i] < num_experts(), IndexError, "MoAModel: expert index ", experts[i],
+                " of sequence ", i, " is outside [0, ", num_experts(), ")");
+    if (b.prompt_mask.defined())
+      MOA_CHECK(b.prompt_mask.shape() == b.ids.shape() && b.prompt_mask.dtype() == DType::f32, ShapeError,
+                "MoAModel: expected a f32 prompt_mask of shape ", shape_str(b.ids.shape()), ", got ",
+                shape_str(b.prompt_mask.shape()));
+  }
+
+  // (path within the block, linear) for every linear of a block.
+  static std::vector<std::pair<std::string, std::shared_ptr<nn::Linear>>> linears_of(nn::Block& blk) {
+    std::vector<std::pair<std::string, std::shared_ptr<nn::Linear>>> out;
+    auto add = [&](const std::string& p, const std::shared_ptr<nn::Linear>& l) {
+      if (l) out.emplace_back(p, l);
+    };
+    add("attn.q_proj", blk.attn->q_proj);
+    add("attn.k_proj", blk.attn->k_proj);
+    add("attn.v_proj", blk.attn->v_proj);
+    add("attn.o_proj", blk.attn->o_proj);
+    add("mlp.fc", blk.mlp->fc);
+    add("mlp.proj", blk.mlp->proj);
+    add("mlp.gate_proj", blk.mlp->gate_proj);
+    add("mlp.up_proj", blk.mlp->up_proj);
+    add("mlp.down_proj", blk.mlp->down_proj);
+    return out;
+  }
+
+  std::shared_ptr<nn::TransformerLM> base_;
+  MoAConfig c_;
+  Generator gen_;
+  std::shared_ptr<RoutingState> routing_;
+  std::vector<std::shared_ptr<MoAAdapter>> adapters_;
+  std::vector<std::shared_ptr<Router>> routers_;
+};
+
+}  // namespace moa::mixture

@@ -1,0 +1,264 @@
+// Mixture-of-LoRAs: routing, teacher forcing, the grouped computation against per-sample runs,
+// a small real two-domain run (stage 1, stage 2, routing accuracy, against a mixed LoRA), adding
+// and removing an expert, bad input.
+#include <doctest/doctest.h>
+
+#include "moa/mixture/moa.hpp"
+#include "moa/optim/adamw.hpp"
+#include "test_util.hpp"
+
+using namespace moa;
+using mixture::MoABatch;
+using mixture::MoAModel;
+
+namespace {
+
+constexpr int32_t kV = 24;
+
+nn::TransformerConfig tiny() {
+  nn::TransformerConfig c = nn::TransformerConfig::llama();
+  c.vocab_size = kV;
+  c.max_seq_len = 16;
+  c.dim = 32;
+  c.n_layers = 2;
+  c.n_heads = 4;
+  c.hidden_dim = 64;
+  return c;
+}
+
+// Tokens 0..15 are shared; a sequence starts with its domain's marker (16 + d), then follows the
+// domain's rule: d0: next = t + 1, d1: next = 3 t + 2, d2 (the base's pretraining): t + 5 (mod 16).
+// The rules conflict on the same tokens, as domains do. 6 prompt tokens, 6 answer tokens.
+int32_t rule(int d, int32_t t) { return d == 0 ? (t + 1) % 16 : d == 1 ? (3 * t + 2) % 16 : (t + 5) % 16; }
+
+MoABatch make_batch(const std::vector<int>& domains, Generator& g) {
+  const int64_t Bn = static_cast<int64_t>(domains.size()), T = 11;
+  std::vector<int32_t> ids, tg;
+  std::vector<float> pm;
+  MoABatch b;
+  for (int d : domains) {
+    std::vector<int32_t> seq{16 + d, static_cast<int32_t>(g.next_below(16))};
+    while (seq.size() < 12) seq.push_back(rule(d, seq.back()));
+    for (int64_t t = 0; t < T; ++t) {
+      ids.push_back(seq[t]);
+      tg.push_back(t >= 5 ? seq[t + 1] : -100);  // loss on the answer (tokens 6..11)
+      pm.push_back(t < 6 ? 1.0f : 0.0f);
+    }
+    b.domain.push_back(d);
+  }
+  b.ids = Tensor::from_vector(ids, {Bn, T});
+  b.targets = Tensor::from_vector(tg, {Bn, T});
+  b.prompt_mask = Tensor::from_vector(pm, {Bn, T});
+  return b;
+}
+
+mixture::MoAConfig moa_config(std::vector<std::string> domains, int64_t rank = 8) {
+  return {.domains = std::move(domains), .rank = rank, .alpha = 2.0 * static_cast<double>(rank), .target_modules = "proj|fc"};
+}
+
+double answer_loss(MoAModel& m, const MoABatch& b, const std::vector<int32_t>& experts) {
+  NoGradGuard ng;
+  return cross_entropy(m.forward(b, experts), b.targets).item<double>();
+}
+
+}  // namespace
+
+TEST_CASE("MoA: a mixed batch through grouped experts equals each sample run alone; gradients too") {
+  auto base = std::make_shared<nn::TransformerLM>(tiny(), 1);
+  MoAModel m(base, moa_config({"a", "b", "c"}), 3);
+  // Give B non-zero values so every expert contributes.
+  Generator g(5);
+  for (auto& ad : m.adapters())
+    for (auto& e : *ad->experts()) {
+      NoGradGuard ng;
+      e->lora_B.detach().copy_(Tensor::randn(e->lora_B.shape(), g, DType::f32, 0.0, 0.1));
+    }
+  const MoABatch b = make_batch({0, 1, 1, 0}, g);
+  const std::vector<int32_t> experts{2, 0, 1, 2};
+  const Tensor together = m.forward(b, experts);
+  sum(together).backward();
+  std::vector<std::vector<float>> grads_together;
+  for (auto& p : m.trainable_parameters()) grads_together.push_back(p.grad().defined() ? p.grad().to_vector<float>() : std::vector<float>());
+  m.zero_grad();
+  for (int64_t i = 0; i < 4; ++i) {
+    MoABatch one{b.ids.narrow(0, i, 1).contiguous(), b.targets.narrow(0, i, 1).contiguous(),
+                 b.prompt_mask.narrow(0, i, 1).contiguous(), {b.domain[i]}};
+    const Tensor alone = m.forward(one, {experts[i]});
+    CHECK(test::max_abs_diff(alone, together.narrow(0, i, 1)) < 1e-5);
+    sum(alone).backward();  // accumulates over the four runs
+  }
+  const auto ps = m.trainable_parameters();
+  for (std::size_t k = 0; k < ps.size(); ++k) {
+    if (grads_together[k].empty()) continue;
+    REQUIRE(ps[k].grad().defined());
+    CHECK(test::max_abs_diff(std::vector<double>(grads_together[k].begin(), grads_together[k].end()),
+                             ps[k].grad().to_vector<double>()) < 1e-4);
+  }
+}
+
+TEST_CASE("MoA: the frozen base gets no gradient; routers and experts do; the routing loss is checked by gradcheck") {
+  auto base = std::make_shared<nn::TransformerLM>(tiny(), 2);
+  MoAModel m(base, moa_config({"a", "b"}), 4);
+  Generator g(6);
+  const MoABatch b = make_batch({0, 1}, g);
+  auto losses = m.loss(b);
+  losses[0].backward();
+  for (auto& [n, t] : base->named_parameters()) {
+    if (n.find(".moa.") != std::string::npos) continue;
+    INFO(n);
+    CHECK_FALSE(t.grad().defined());
+  }
+  for (auto& r : m.routers()) CHECK(r->weight.grad().defined());
+  // The router loss alone, in double: CE(W pooled(x), label) through mean pooling.
+  Tensor x = Tensor::randn({3, 4, 5}, g, DType::f64).set_requires_grad();
+  Tensor w = Tensor::randn({2, 5}, g, DType::f64).set_requires_grad();
+  Tensor mask = Tensor::from_vector(std::vector<double>{1, 1, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0}, {3, 4});
+  Tensor labels = Tensor::from_vector(std::vector<int32_t>{1, 0, 1});
+  const auto r = autograd::gradcheck(
+      [&](const std::vector<Tensor>& in) {
+        const Tensor mm = mask.unsqueeze(2);
+        const Tensor pooled = sum(in[0] * mm, {1}) / sum(mm, {1});
+        return cross_entropy(linear(pooled, in[1]), labels);
+      },
+      {x, w});
+  INFO(r.message);
+  CHECK(r.ok);
+}
+
+TEST_CASE("MoA: two synthetic domains - stage 1, stage 2, routing above 95%, lower loss than a mixed LoRA") {
+  const int steps1 = 100, steps2 = 300;
+  // The base: pretrained (full weights) on a third rule, then frozen; both systems share it.
+  auto base_moa = std::make_shared<nn::TransformerLM>(tiny(), 11);
+  Generator data(99);
+  {
+    optim::AdamW opt(base_moa->trainable_parameters(), {.lr = 1e-2, .weight_decay = 0.0});
+    for (int s = 0; s < 150; ++s) {
+      const MoABatch b = make_batch(std::vector<int>(8, 2), data);
+      Tensor l = cross_entropy(base_moa->forward(b.ids), b.targets);
+      opt.zero_grad();
+      l.backward();
+      opt.step();
+    }
+  }
+  auto base_mix = std::make_shared<nn::TransformerLM>(tiny(), 11);
+  {
+    std::map<std::string, Tensor> sd;
+    for (auto& [n, t] : base_moa->state_dict()) sd[n] = t;
+    base_mix->load_state_dict(sd);
+  }
+  MoAModel moa(base_moa, moa_config({"plus1", "times3"}, 2), 21);
+  MoAModel mixed(base_mix, moa_config({"mixed"}, 2), 21);
+  // Stage 1: each expert on its own domain (teacher forcing, no routing loss).
+  for (int d = 0; d < 2; ++d) {
+    optim::AdamW opt(moa.expert_parameters(d), {.lr = 1e-2, .weight_decay = 0.0});
+    for (int s = 0; s < steps1; ++s) {
+      const MoABatch b = make_batch(std::vector<int>(8, d), data);
+      Tensor l = cross_entropy(moa.forward(b, std::vector<int32_t>(8, d)), b.targets);
+      opt.zero_grad();
+      l.backward();
+      opt.step();
+    }
+  }
+  // The mixed LoRA gets the same budget: as many examples, domains mixed.
+  {
+    optim::AdamW opt(mixed.expert_parameters(0), {.lr = 1e-2, .weight_decay = 0.0});
+    for (int s = 0; s < 2 * steps1 + steps2; ++s) {
+      const MoABatch b = make_batch({0, 1, 0, 1, 0, 1, 0, 1}, data);
+      Tensor l = cross_entropy(mixed.forward(b, std::vector<int32_t>(8, 0)), b.targets);
+      opt.zero_grad();
+      l.backward();
+      opt.step();
+    }
+  }
+  // Stage 2: experts and routers jointly on domain-balanced batches, L = L_LM + eta L_cls.
+  {
+    std::vector<Tensor> experts = moa.expert_parameters(0), e1 = moa.expert_parameters(1);
+    experts.insert(experts.end(), e1.begin(), e1.end());
+    optim::AdamW opt(experts, {.lr = 1e-2, .weight_decay = 0.0});
+    optim::AdamW ropt(moa.router_parameters(), {.lr = 3e-2, .weight_decay = 0.0});
+    for (int s = 0; s < steps2; ++s) {
+      const MoABatch b = make_batch({0, 1, 0, 1, 0, 1, 0, 1}, data);
+      auto ls = moa.loss(b);
+      opt.zero_grad();
+      ropt.zero_grad();
+      ls[0].backward();
+      opt.step();
+      ropt.step();
+    }
+  }
+  // Held-out: 200 sequences per domain, domains unknown to the model.
+  Generator held(12345);
+  int correct = 0, total = 0;
+  double moa_loss = 0, mixed_loss = 0;
+  for (int rep = 0; rep < 25; ++rep) {
+    const MoABatch b = make_batch({0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1}, held);
+    const auto pick = moa.route(b);
+    for (std::size_t i = 0; i < pick.size(); ++i) correct += pick[i] == b.domain[i];
+    total += static_cast<int>(pick.size());
+    moa_loss += answer_loss(moa, b, pick);
+    mixed_loss += answer_loss(mixed, b, std::vector<int32_t>(16, 0));
+  }
+  const double acc = static_cast<double>(correct) / total;
+  MESSAGE("two-domain run: routing accuracy " << acc << ", held-out answer loss MoA " << moa_loss / 25
+                                              << " vs mixed LoRA " << mixed_loss / 25);
+  CHECK(acc > 0.95);
+  CHECK(moa_loss < mixed_loss);
+}
+
+TEST_CASE("MoA: adding a domain trains the new expert and leaves the others bitwise; removing one") {
+  auto base = std::make_shared<nn::TransformerLM>(tiny(), 3);
+  MoAModel m(base, moa_config({"a", "b"}), 5);
+  Generator g(8);
+  std::vector<std::vector<float>> before;
+  for (int e = 0; e < 2; ++e)
+    for (auto& p : m.expert_parameters(e)) before.push_back(p.to_vector<float>());
+  m.add_expert("c");
+  CHECK(m.num_experts() == 3);
+  CHECK(m.routers()[0]->weight.shape() == Shape{3, 32});
+  for (int e = 0; e < 2; ++e)
+    for (auto& p : m.expert_parameters(e)) p.set_requires_grad(false);
+  std::vector<Tensor> train = m.expert_parameters(2);
+  for (auto& r : m.router_parameters()) train.push_back(r);
+  optim::AdamW opt(train, {.lr = 1e-2});
+  for (int s = 0; s < 5; ++s) {
+    MoABatch b = make_batch({0, 1, 1}, g);
+    b.domain = {2, 2, 0};
+    auto ls = m.loss(b);
+    opt.zero_grad();
+    ls[0].backward();
+    opt.step();
+  }
+  std::size_t k = 0;
+  for (int e = 0; e < 2; ++e)
+    for (auto& p : m.expert_parameters(e)) CHECK(p.to_vector<float>() == before[k++]);
+  double moved = 0;
+  for (auto& p : m.expert_parameters(2)) moved += std::abs(p.to_vector<double>()[0]) + sum(p * p).item<double>();
+  CHECK(moved > 0);
+  m.remove_expert("a");
+  CHECK(m.config().domains == std::vector<std::string>{"b", "c"});
+  CHECK(m.routers()[1]->weight.shape() == Shape{2, 32});
+  CHECK(m.expert_parameters(0)[0].to_vector<float>() == before[static_cast<std::size_t>(m.expert_parameters(0).size())]);
+}
+
+TEST_CASE("MoA: bad input") {
+  auto base = std::make_shared<nn::TransformerLM>(tiny(), 3);
+  test::check_throws_with<ValueError>([&] { MoAModel(base, moa_config({})); }, {"at least one expert", "zero"});
+  MoAModel m(base, moa_config({"a", "b"}), 5);
+  Generator g(1);
+  const MoABatch b = make_batch({0, 1}, g);
+  test::check_throws_with<IndexError>([&] { (void)m.forward(b, {0, 2}); }, {"expert index 2", "[0, 2)"});
+  test::check_throws_with<ShapeError>([&] { (void)m.forward(b, {0}); }, {"2 expert indices", "got 1"});
+  test::check_throws_with<IndexError>([&] { (void)m.domain_index("law"); }, {"unknown domain 'law'"});
+  MoABatch bad = b;
+  bad.domain = {0, 5};
+  test::check_throws_with<IndexError>([&] { (void)m.loss(bad); }, {"expert index 5"});
+  test::check_throws_with<ValueError>([&] { m.add_expert("a"); }, {"exists already"});
+  auto base2 = std::make_shared<nn::TransformerLM>(tiny(), 3);
+  test::check_throws_with<ValueError>(
+      [&] {
+        auto c = moa_config({"a"});
+        c.target_modules = "nothing_like_this";
+        MoAModel(base2, c);
+      },
+      {"matches no linear"});
+}
