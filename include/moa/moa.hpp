@@ -56,6 +56,16 @@
 #include "moa/nn/pretrained.hpp"
 #include "moa/nn/transformer.hpp"
 
+#include "moa/lora/adapter.hpp"
+#include "moa/lora/config.hpp"
+#include "moa/lora/lora.hpp"
+#include "moa/lora/op.hpp"
+#include "moa/lora/peft.hpp"
+#include "moa/lora/target.hpp"
+
+#include "moa/ops/grouped_lora.hpp"
+#include "moa/mixture/moa.hpp"
+
 #include "moa/eval/generate.hpp"
 
 #include "moa/train/batches.hpp"

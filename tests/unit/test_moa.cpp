@@ -3,6 +3,7 @@
 // and removing an expert, bad input.
 #include <doctest/doctest.h>
 
+#include "moa/lora/lora.hpp"
 #include "moa/mixture/moa.hpp"
 #include "moa/optim/adamw.hpp"
 #include "test_util.hpp"
@@ -261,4 +262,39 @@ TEST_CASE("MoA: bad input") {
         MoAModel(base2, c);
       },
       {"matches no linear"});
+}
+
+TEST_CASE("MoA: routing forced to one expert gives exactly that single LoRA's output and gradients") {
+  auto base = std::make_shared<nn::TransformerLM>(tiny(), 4);
+  auto twin = std::make_shared<nn::TransformerLM>(tiny(), 4);  // same seed: the same base weights
+  MoAModel m(base, moa_config({"a", "b"}, 4), 6);
+  Generator g(7);
+  for (auto& ad : m.adapters())
+    for (auto& e : *ad->experts()) {
+      NoGradGuard ng;
+      e->lora_B.detach().copy_(Tensor::randn(e->lora_B.shape(), g, DType::f32, 0.0, 0.1));
+    }
+  // The single LoRA "b" on the twin, at the same sites, with expert 1's weights.
+  lora::attach_lora(*twin, "b", {.rank = 4, .alpha = 8, .target_modules = "attn.q_proj|attn.k_proj|attn.v_proj|attn.o_proj|mlp.gate_proj|mlp.up_proj|mlp.down_proj"});
+  const auto sites = lora::lora_sites(*twin);
+  REQUIRE(sites.size() == m.adapters().size());
+  for (std::size_t i = 0; i < sites.size(); ++i) {
+    NoGradGuard ng;
+    auto one = sites[i].lora->get("b");
+    one->A.detach().copy_((*m.adapters()[i]->experts())[1]->lora_A);
+    one->B.detach().copy_((*m.adapters()[i]->experts())[1]->lora_B);
+  }
+  const MoABatch b = make_batch({0, 1, 1}, g);
+  const Tensor y1 = m.forward(b, {1, 1, 1});
+  const Tensor y2 = twin->forward(b.ids);
+  CHECK(test::max_abs_diff(y1, y2) < 1e-5);
+  cross_entropy(y1, b.targets).backward();
+  cross_entropy(y2, b.targets).backward();
+  for (std::size_t i = 0; i < sites.size(); ++i) {
+    auto one = sites[i].lora->get("b");
+    const auto& ex = (*m.adapters()[i]->experts());
+    CHECK(test::max_abs_diff(ex[1]->lora_A.grad(), one->A.grad()) < 1e-5);
+    CHECK(test::max_abs_diff(ex[1]->lora_B.grad(), one->B.grad()) < 1e-5);
+    CHECK_FALSE(ex[0]->lora_A.grad().defined());  // the other expert saw no rows
+  }
 }
