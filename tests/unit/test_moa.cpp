@@ -3,6 +3,7 @@
 // and removing an expert, bad input.
 #include <doctest/doctest.h>
 
+#include "moa/eval/generate.hpp"
 #include "moa/lora/lora.hpp"
 #include "moa/mixture/moa.hpp"
 #include "moa/optim/adamw.hpp"
@@ -297,4 +298,27 @@ TEST_CASE("MoA: routing forced to one expert gives exactly that single LoRA's ou
     CHECK(test::max_abs_diff(ex[1]->lora_B.grad(), one->B.grad()) < 1e-5);
     CHECK_FALSE(ex[0]->lora_A.grad().defined());  // the other expert saw no rows
   }
+}
+
+TEST_CASE("MoA: generation with the KV cache, a batch whose sequences use different experts") {
+  auto base = std::make_shared<nn::TransformerLM>(tiny(), 4);
+  MoAModel m(base, moa_config({"a", "b"}, 4), 6);
+  Generator g(9);
+  for (auto& ad : m.adapters())
+    for (auto& e : *ad->experts()) {
+      NoGradGuard ng;
+      e->lora_B.detach().copy_(Tensor::randn(e->lora_B.shape(), g, DType::f32, 0.0, 0.5));
+    }
+  const std::vector<std::vector<int32_t>> prompts{{16, 3, 4, 5}, {17, 2, 8}};
+  m.use_experts({0, 1});
+  const auto both = eval::generate(m.base(), prompts, {.max_new_tokens = 6});
+  for (int i = 0; i < 2; ++i) {
+    m.use_experts({i});
+    CHECK(eval::generate(m.base(), {prompts[i]}, {.max_new_tokens = 6})[0] == both[i]);
+  }
+  // Each expert changes what is generated (the experts are different).
+  m.use_experts({1});
+  const auto other = eval::generate(m.base(), {prompts[0]}, {.max_new_tokens = 6});
+  CHECK(other[0] != both[0]);
+  test::check_throws_with<IndexError>([&] { m.use_experts({3}); }, {"expert index 3"});
 }

@@ -126,6 +126,7 @@ inline std::vector<std::vector<int32_t>> generate(nn::TransformerLM& model, cons
         row.lengths = {0};
         row.capacity = cache.capacity;
         const auto& p = prompts[b];
+        nn::RowScope scope({b});
         const Tensor logits =
             model.forward_last(Tensor::from_vector(p, {1, static_cast<int64_t>(p.size())}), &row).contiguous();
         cache.lengths[b] = row.lengths[0];

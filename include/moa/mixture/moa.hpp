@@ -47,7 +47,6 @@ struct MoAConfig {
 // What every MoA adapter of the model reads during one forward.
 struct RoutingState {
   RoutingMode mode = RoutingMode::sequence;
-  int64_t T = 0;                                    // tokens per sequence
   std::vector<std::vector<int32_t>> seq_expert;     // [layer][b]: the expert of sequence b in that layer
   // token_topk: per layer, the (row, expert, weight) assignments.
   std::vector<std::vector<int32_t>> rows, experts;
@@ -85,13 +84,22 @@ class MoAAdapter : public nn::LinearAdapter {
     const RoutingState& r = *routing_;
     Tensor delta;
     if (r.mode == RoutingMode::sequence) {
-      const auto& se = r.seq_expert.at(static_cast<std::size_t>(layer_));
-      MOA_CHECK(static_cast<int64_t>(se.size()) * r.T == N, ShapeError, "MoA: routing gives ", se.size(),
-                " sequences of ", r.T, " tokens, the layer input has ", N, " rows");
+      std::vector<int32_t> se = r.seq_expert.at(static_cast<std::size_t>(layer_));
+      if (const auto* sub = nn::RowScope::rows()) {  // a forward over some rows of the batch
+        std::vector<int32_t> picked;
+        for (int64_t row : *sub) picked.push_back(se.at(static_cast<std::size_t>(row)));
+        se = std::move(picked);
+      }
+      // x is (B, T, In) with one expert per sequence; T is whatever this call carries (a whole
+      // sequence in training, one new token per step when generating with a KV cache).
+      const int64_t Bn = static_cast<int64_t>(se.size());
+      MOA_CHECK(Bn > 0 && N % Bn == 0 && (x.dim() < 3 || x.size(0) == Bn), ShapeError, "MoA: routing gives ", Bn,
+                " sequences, the layer input has shape ", shape_str(x.shape()));
+      const int64_t T = N / Bn;
       std::vector<int32_t> rows(static_cast<std::size_t>(N)), experts(static_cast<std::size_t>(N));
       for (int64_t n = 0; n < N; ++n) {
         rows[n] = static_cast<int32_t>(n);
-        experts[n] = se[static_cast<std::size_t>(n / r.T)];
+        experts[n] = se[static_cast<std::size_t>(n / T)];
       }
       delta = grouped_lora(x.reshape({N, in_}), A, B, rows, experts, Tensor(), scale_);
     } else {
@@ -209,7 +217,6 @@ class MoAModel : public nn::Module {
     check_batch(b, experts);
     const int64_t L = base_->config().n_layers;
     routing_->mode = RoutingMode::sequence;
-    routing_->T = b.ids.size(1);
     routing_->seq_expert.assign(static_cast<std::size_t>(L), experts);
     if (router_logits) {
       router_logits->clear();
@@ -241,7 +248,6 @@ class MoAModel : public nn::Module {
     NoGradGuard no_grad;
     const int64_t L = base_->config().n_layers, Bn = b.ids.size(0);
     routing_->mode = RoutingMode::sequence;
-    routing_->T = b.ids.size(1);
     routing_->seq_expert.assign(static_cast<std::size_t>(L), std::vector<int32_t>(static_cast<std::size_t>(Bn), 0));
     std::vector<std::vector<int32_t>> choice(static_cast<std::size_t>(L));
     base_->block_hook = [&](int64_t l, const Tensor& x) {
@@ -272,13 +278,13 @@ class MoAModel : public nn::Module {
   }
 
   // Sets every adapter to use expert[b] for sequence b in every layer (for generation and
-  // evaluation after route()). The state holds until the next forward/route call.
-  void use_experts(const std::vector<int32_t>& experts, int64_t T) {
+  // evaluation after route(), e.g. eval::generate(model.base(), prompts) with a KV cache). The
+  // state holds until the next forward/route call.
+  void use_experts(const std::vector<int32_t>& experts) {
     for (int32_t e : experts)
       MOA_CHECK(e >= 0 && e < num_experts(), IndexError, "MoAModel: expert index ", e, " is outside [0, ",
                 num_experts(), ")");
     routing_->mode = RoutingMode::sequence;
-    routing_->T = T;
     routing_->seq_expert.assign(static_cast<std::size_t>(base_->config().n_layers), experts);
   }
 

@@ -23,6 +23,26 @@
 
 namespace moa::nn {
 
+// While alive, forward passes cover only these rows of the full batch (generation prefills
+// prompts of different lengths one row at a time); per-row state such as MoA routing reads it.
+class RowScope {
+ public:
+  explicit RowScope(std::vector<int64_t> rows) : prev_(current()), rows_(std::move(rows)) { current() = &rows_; }
+  ~RowScope() { current() = prev_; }
+  RowScope(const RowScope&) = delete;
+  RowScope& operator=(const RowScope&) = delete;
+  // The rows of the current forward, or nullptr: all rows.
+  static const std::vector<int64_t>* rows() { return current(); }
+
+ private:
+  static const std::vector<int64_t>*& current() {
+    thread_local const std::vector<int64_t>* rows = nullptr;
+    return rows;
+  }
+  const std::vector<int64_t>* prev_;
+  std::vector<int64_t> rows_;
+};
+
 class MLP : public Module {
  public:
   MLP(const TransformerConfig& c, Generator& gen) : kind_(c.mlp) {
