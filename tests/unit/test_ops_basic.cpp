@@ -72,6 +72,33 @@ TEST_CASE("elementwise: unary maps match their scalar formulas") {
   CHECK(silu(Tensor::scalar(1.0, DType::f64)).item<double>() == doctest::Approx(0.7310585786300049).epsilon(1e-14));
 }
 
+TEST_CASE("GELU: the vectorised float kernels against the reference formulas, odd sizes and extremes") {
+  Generator g(19);
+  for (int64_t n : {1, 7, 33, 257, 4099}) {
+    Tensor x = Tensor::randn({n}, g, DType::f32, 0.0, 4.0);
+    std::vector<float> xv = x.to_vector<float>();
+    if (n > 8) {  // extremes: tanh saturates, exp overflows or underflows inside
+      xv[0] = 0.0f;
+      xv[1] = -1e-6f;
+      xv[2] = 60.0f;
+      xv[3] = -60.0f;
+      xv[4] = 1e-30f;
+    }
+    Tensor gout = Tensor::randn({n}, g);
+    const auto gv = gout.to_vector<float>();
+    std::vector<float> y(xv.size()), dx(xv.size());
+    kernels::cpu::gelu_forward(xv.data(), y.data(), n);
+    kernels::cpu::gelu_backward(xv.data(), gv.data(), dx.data(), n);
+    for (int64_t i = 0; i < n; ++i) {
+      const double v = xv[i];
+      const double ry = kernels::reference::gelu(v), rd = gv[i] * kernels::reference::gelu_grad(v);
+      INFO("x = " << v);
+      CHECK(std::abs(y[i] - ry) <= 2e-6 * (1.0 + std::abs(ry)));
+      CHECK(std::abs(dx[i] - rd) <= 2e-6 * (1.0 + std::abs(rd)));
+    }
+  }
+}
+
 TEST_CASE("gradcheck: elementwise ops with broadcasting and non-contiguous inputs") {
   Generator g(13);
   for (int trial = 0; trial < 3; ++trial) {

@@ -8,6 +8,7 @@
 
 #include "moa/autograd/node.hpp"
 #include "moa/core/tensor.hpp"
+#include "moa/kernels/cpu/activation.hpp"
 #include "moa/kernels/reference/activation.hpp"
 #include "moa/ops/reduce.hpp"
 
@@ -216,8 +217,20 @@ inline Tensor relu(const Tensor& x) {
   return detail::unary_op(
       "relu", x, [](auto v) { return v > 0 ? v : decltype(v)(0); }, [](auto v, auto) { return v > 0 ? 1.0 : 0.0; });
 }
-// GELU, tanh approximation (as GPT-2 uses).
+// GELU, tanh approximation (as GPT-2 uses). Float tensors take the vectorised cpu kernel.
 inline Tensor gelu(const Tensor& x) {
+  if (x.defined() && x.dtype() == DType::f32) {
+    const Tensor xc = x.contiguous();
+    Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
+    kernels::cpu::gelu_forward(xc.data<float>(), out.data<float>(), x.numel());
+    if (autograd::needs_graph({&x}))
+      autograd::record("gelu", out, {x}, [xd = xc.detach()](const Tensor& g, const std::vector<char>&) {
+        Tensor gx = Tensor::empty(g.shape(), g.dtype(), g.device());
+        kernels::cpu::gelu_backward(xd.data<float>(), g.data<float>(), gx.data<float>(), g.numel());
+        return std::vector<Tensor>{gx};
+      });
+    return out;
+  }
   return detail::unary_op(
       "gelu", x, [](auto v) { return kernels::reference::gelu(v); },
       [](auto v, auto) { return kernels::reference::gelu_grad(v); });
