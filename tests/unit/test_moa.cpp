@@ -322,3 +322,50 @@ TEST_CASE("MoA: generation with the KV cache, a batch whose sequences use differ
   CHECK(other[0] != both[0]);
   test::check_throws_with<IndexError>([&] { m.use_experts({3}); }, {"expert index 3"});
 }
+
+TEST_CASE("MoE-LoRA (token-level top-k): the balance loss follows its formula, training lowers the loss") {
+  nn::TransformerConfig c1 = tiny();
+  c1.n_layers = 1;  // one router: the balance loss of the model is that router's
+  auto base = std::make_shared<nn::TransformerLM>(c1, 5);
+  auto cfg = moa_config({"e0", "e1", "e2"}, 4);
+  cfg.top_k = 2;
+  MoAModel m(base, cfg, 8);
+  Generator g(10);
+  const MoABatch b = make_batch({0, 1, 0, 1}, g);
+  Tensor bal;
+  const Tensor logits = m.forward_token_topk(b.ids, &bal);
+  CHECK(logits.shape() == Shape{4, 11, kV});
+  {  // E * sum_e f_e P_e from the router's probabilities, recomputed here.
+    NoGradGuard ng;
+    const Tensor x = base->tok_emb->forward(b.ids).reshape({44, 32});
+    const Tensor probs = softmax(linear(x / sqrt(shift(mean(x * x, {1}, true), 1e-6)), m.routers()[0]->weight), -1);
+    const auto pv = probs.to_vector<double>();
+    std::vector<double> f(3, 0), P(3, 0);
+    for (int n = 0; n < 44; ++n) {
+      int best = 0;
+      for (int e = 0; e < 3; ++e) {
+        P[e] += pv[n * 3 + e] / 44;
+        if (pv[n * 3 + e] > pv[n * 3 + best]) best = e;
+      }
+      f[best] += 1.0 / 44;
+    }
+    double expected = 0;
+    for (int e = 0; e < 3; ++e) expected += 3 * f[e] * P[e];
+    CHECK(bal.item<double>() == doctest::Approx(expected).epsilon(1e-5));
+  }
+  // Training the experts and routers (no domain labels) lowers the LM loss; the gates get gradients.
+  optim::AdamW opt(m.trainable_parameters(), {.lr = 1e-2, .weight_decay = 0.0});
+  double first = 0, last = 0;
+  for (int s = 0; s < 60; ++s) {
+    const MoABatch tb = make_batch({0, 1, 0, 1, 0, 1}, g);
+    Tensor aux;
+    Tensor loss = cross_entropy(m.forward_token_topk(tb.ids, &aux), tb.targets);
+    Tensor total = loss + scale(aux, cfg.balance_weight);
+    opt.zero_grad();
+    total.backward();
+    opt.step();
+    (s == 0 ? first : last) = loss.item<double>();
+  }
+  CHECK(last < 0.9 * first);
+  CHECK(m.routers()[0]->weight.grad().defined());
+}

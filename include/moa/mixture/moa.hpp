@@ -14,11 +14,13 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <numeric>
 #include <regex>
 #include <string>
 #include <vector>
 
 #include "moa/nn/transformer.hpp"
+#include "moa/ops/concat.hpp"
 #include "moa/ops/grouped_lora.hpp"
 #include "moa/ops/loss.hpp"
 #include "moa/ops/softmax.hpp"
@@ -240,6 +242,62 @@ class MoAModel : public nn::Module {
     for (const Tensor& r : rl) cls = cls.defined() ? cls + cross_entropy(r, labels) : cross_entropy(r, labels);
     cls = scale(cls, 1.0 / static_cast<double>(rl.size()));
     return {lm + scale(cls, c_.eta), lm, cls};
+  }
+
+  // MoE-LoRA (the paper's ablation): token-level top-k routing over the same experts, no domain
+  // labels. Each layer's router scores every token (RMS-normalised hidden state -> E logits,
+  // softmax); the token goes through its top_k experts with the renormalised probabilities as
+  // weights. *balance gets the Switch-Transformer load-balancing loss averaged over layers:
+  // E * sum_e f_e P_e, f_e the fraction of tokens whose first choice is e, P_e the mean probability.
+  Tensor forward_token_topk(const Tensor& ids, Tensor* balance = nullptr) {
+    const int64_t L = base_->config().n_layers, E = num_experts();
+    const int64_t k = std::min<int64_t>(c_.top_k, E);
+    MOA_CHECK(k >= 1, ValueError, "MoAModel: expected top_k >= 1, got ", c_.top_k);
+    routing_->mode = RoutingMode::token_topk;
+    routing_->rows.assign(static_cast<std::size_t>(L), {});
+    routing_->experts.assign(static_cast<std::size_t>(L), {});
+    routing_->weights.assign(static_cast<std::size_t>(L), Tensor());
+    Tensor aux;
+    base_->block_hook = [&](int64_t l, const Tensor& x) {
+      const int64_t N = x.numel() / x.size(-1);
+      const Tensor h = x.reshape({N, x.size(-1)});
+      const Tensor hn = h / sqrt(shift(mean(h * h, {1}, true), 1e-6));
+      const Tensor probs = softmax(linear(hn, routers_[static_cast<std::size_t>(l)]->weight), -1);  // (N, E)
+      const Tensor pc = probs.contiguous();
+      const float* p = pc.data<float>();
+      std::vector<int32_t> idx(static_cast<std::size_t>(N * k)), rows(idx.size());
+      std::vector<float> first(static_cast<std::size_t>(E), 0.0f);
+      std::vector<int32_t> order(static_cast<std::size_t>(E));
+      for (int64_t n = 0; n < N; ++n) {
+        std::iota(order.begin(), order.end(), 0);
+        std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                          [&](int32_t a, int32_t b) { return p[n * E + a] > p[n * E + b] || (p[n * E + a] == p[n * E + b] && a < b); });
+        for (int64_t j = 0; j < k; ++j) {
+          idx[static_cast<std::size_t>(n * k + j)] = order[j];
+          rows[static_cast<std::size_t>(n * k + j)] = static_cast<int32_t>(n);
+        }
+        first[static_cast<std::size_t>(order[0])] += 1.0f / static_cast<float>(N);
+      }
+      Tensor w = gather(probs, 1, Tensor::from_vector(idx, {N, k}));   // (N, k)
+      w = w / sum(w, {1}, true);
+      routing_->rows[l] = rows;
+      routing_->experts[l] = idx;
+      routing_->weights[l] = w.reshape({N * k});
+      if (balance) {
+        const Tensor term = scale(sum(mean(probs, {0}) * Tensor::from_vector(first)), static_cast<double>(E));
+        aux = aux.defined() ? aux + term : term;
+      }
+    };
+    Tensor logits;
+    try {
+      logits = base_->forward(ids);
+    } catch (...) {
+      base_->block_hook = nullptr;
+      throw;
+    }
+    base_->block_hook = nullptr;
+    if (balance) *balance = scale(aux, 1.0 / static_cast<double>(L));
+    return logits;
   }
 
   // Unknown domains: each layer uses its own router's choice while the prompt runs; then the last
