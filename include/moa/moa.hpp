@@ -65,6 +65,7 @@
 
 #include "moa/ops/grouped_lora.hpp"
 #include "moa/mixture/moa.hpp"
+#include "moa/mixture/moa_io.hpp"
 
 #include "moa/eval/generate.hpp"
 

@@ -165,6 +165,7 @@ class MoAModel : public nn::Module {
         auto ad = std::make_shared<MoAAdapter>(l, lin->in_features(), lin->out_features(), c_, routing_, gen_);
         lin->set_adapter("moa", ad);
         adapters_.push_back(ad);
+        adapter_paths_.push_back("blocks." + std::to_string(l) + "." + path);
         ++attached;
       }
     }
@@ -180,6 +181,8 @@ class MoAModel : public nn::Module {
   int64_t num_experts() const { return static_cast<int64_t>(c_.domains.size()); }
   const std::vector<std::shared_ptr<MoAAdapter>>& adapters() const { return adapters_; }
   const std::vector<std::shared_ptr<Router>>& routers() const { return routers_; }
+  // The module path of each adapter's linear (blocks.3.attn.q_proj), in adapters() order.
+  const std::vector<std::string>& adapter_paths() const { return adapter_paths_; }
 
   int32_t domain_index(const std::string& name) const {
     for (std::size_t e = 0; e < c_.domains.size(); ++e)
@@ -439,6 +442,7 @@ class MoAModel : public nn::Module {
   Generator gen_;
   std::shared_ptr<RoutingState> routing_;
   std::vector<std::shared_ptr<MoAAdapter>> adapters_;
+  std::vector<std::string> adapter_paths_;
   std::vector<std::shared_ptr<Router>> routers_;
 };
 
