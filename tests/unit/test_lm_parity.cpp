@@ -15,18 +15,6 @@ using namespace moa;
 
 namespace {
 
-// max |a - b| / max |b|
-double rel_err(const Tensor& a, const Tensor& b) {
-  REQUIRE(a.shape() == b.shape());
-  const auto av = a.to_vector<double>(), bv = b.to_vector<double>();
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < av.size(); ++i) {
-    num = std::max(num, std::abs(av[i] - bv[i]));
-    den = std::max(den, std::abs(bv[i]));
-  }
-  return den > 0 ? num / den : num;
-}
-
 void check_model(const std::string& name) {
   const std::string dir = std::string(MOA_TEST_FIXTURES) + "/lm/" + name;
   nn::Pretrained p = nn::load_hf_pretrained(dir);
@@ -36,7 +24,7 @@ void check_model(const std::string& name) {
   const Tensor ids = ref.at("ids"), targets = ref.at("targets");
   const Tensor logits = model.forward(ids);
   INFO(name);
-  CHECK(rel_err(logits, ref.at("logits")) < 1e-4);
+  CHECK(test::rel_err(logits, ref.at("logits")) < 1e-4);
   const Tensor loss = cross_entropy(logits, targets);
   CHECK(std::abs(loss.item<double>() - ref.at("loss").item<double>()) < 1e-4 * ref.at("loss").item<double>());
   model.zero_grad();
@@ -53,7 +41,7 @@ void check_model(const std::string& name) {
     const std::string hn = n.substr(5);
     REQUIRE_MESSAGE(hf_grads.count(hn), hn);
     INFO(hn);
-    CHECK(rel_err(hf_grads.at(hn), t) < 1e-4);
+    CHECK(test::rel_err(hf_grads.at(hn), t) < 1e-4);
     ++checked;
   }
   CHECK(checked == static_cast<int>(hf_grads.size()));

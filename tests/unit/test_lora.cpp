@@ -304,18 +304,6 @@ namespace {
 
 const std::string kLoraFixtures = std::string(MOA_TEST_FIXTURES) + "/lora/";
 
-// max |a - b| / max |b|
-double rel_err(const Tensor& a, const Tensor& b) {
-  REQUIRE(a.shape() == b.shape());
-  const auto av = a.to_vector<double>(), bv = b.to_vector<double>();
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < av.size(); ++i) {
-    num = std::max(num, std::abs(av[i] - bv[i]));
-    den = std::max(den, std::abs(bv[i]));
-  }
-  return den > 0 ? num / den : num;
-}
-
 std::string read_bytes(const std::filesystem::path& p) {
   std::ifstream in(p, std::ios::binary);
   std::ostringstream ss;
@@ -372,7 +360,7 @@ void check_peft_parity(const std::string& adapter, const std::string& base_name,
   CHECK(static_cast<int>(paths.size()) == expected_sites);
   CHECK(lora::active_lora(model) == "x");
   const Tensor logits = model.forward(ref.at("ids"));
-  CHECK(rel_err(logits, ref.at("logits")) < 1e-4);
+  CHECK(test::rel_err(logits, ref.at("logits")) < 1e-4);
   const Tensor loss = cross_entropy(logits, ref.at("targets"));
   CHECK(std::abs(loss.item<double>() - ref.at("loss").item<double>()) < 1e-4 * ref.at("loss").item<double>());
   loss.backward();
@@ -382,7 +370,7 @@ void check_peft_parity(const std::string& adapter, const std::string& base_name,
     if (k.rfind("grad.", 0) != 0) continue;
     INFO(k);
     REQUIRE(grads.count(k.substr(5)));
-    CHECK(rel_err(grads.at(k.substr(5)), t) < 1e-4);
+    CHECK(test::rel_err(grads.at(k.substr(5)), t) < 1e-4);
     ++checked;
   }
   CHECK(checked == static_cast<int>(grads.size()));
@@ -431,7 +419,7 @@ TEST_CASE("PEFT: an adapter written by our saver is what PEFT loads (checked by 
   p.model->eval();
   lora::load_peft_adapter(*p.model, "ours", ours);
   const auto ref = io::load_safetensors(kLoraFixtures + "llama_qv_mlp/reference.safetensors").tensors;
-  CHECK(rel_err(p.model->forward(ref.at("ids")), ref.at("logits")) < 1e-4);
+  CHECK(test::rel_err(p.model->forward(ref.at("ids")), ref.at("logits")) < 1e-4);
 }
 
 TEST_CASE("PEFT: GPT-2 q/k/v share c_attn's A: subsets save with zero rows, different A's are refused") {

@@ -42,6 +42,18 @@ inline double max_abs_diff(const Tensor& a, const Tensor& b) {
   return max_abs_diff(a.to_vector<double>(), b.to_vector<double>());
 }
 
+// max |a - b| / max |b|: the error relative to the reference's largest magnitude.
+inline double rel_err(const Tensor& a, const Tensor& b) {
+  REQUIRE(a.shape() == b.shape());
+  const auto av = a.to_vector<double>(), bv = b.to_vector<double>();
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < av.size(); ++i) {
+    num = std::max(num, std::abs(av[i] - bv[i]));
+    den = std::max(den, std::abs(bv[i]));
+  }
+  return den > 0 ? num / den : num;
+}
+
 // Checks that `f` throws E and that its message contains every fragment.
 template <class E, class F>
 void check_throws_with(F&& f, const std::vector<std::string>& fragments) {

@@ -358,12 +358,7 @@ class MoAModel : public nn::Module {
     for (auto& r : routers_) {
       NoGradGuard ng;
       Tensor fresh = Tensor::randn({1, base_->config().dim}, gen_, DType::f32, 0.0, 0.02);
-      Tensor w = concat({r->weight.detach(), fresh}, 0);
-      r->weight.impl().shape = w.shape();  // grow in place: the handle (and optimizer references) stay valid
-      r->weight.impl().strides = w.strides();
-      r->weight.impl().storage = w.storage();
-      r->weight.impl().offset = 0;
-      r->weight.zero_grad();
+      rebind(r->weight, concat({r->weight.detach(), fresh}, 0));
     }
   }
 
@@ -377,12 +372,7 @@ class MoAModel : public nn::Module {
       std::vector<Tensor> keep;
       if (e > 0) keep.push_back(r->weight.detach().narrow(0, 0, e));
       if (e + 1 < r->weight.size(0)) keep.push_back(r->weight.detach().narrow(0, e + 1, r->weight.size(0) - e - 1));
-      Tensor w = concat(keep, 0);
-      r->weight.impl().shape = w.shape();
-      r->weight.impl().strides = w.strides();
-      r->weight.impl().storage = w.storage();
-      r->weight.impl().offset = 0;
-      r->weight.zero_grad();
+      rebind(r->weight, concat(keep, 0));
     }
   }
 
@@ -435,6 +425,17 @@ class MoAModel : public nn::Module {
     add("mlp.up_proj", blk.mlp->up_proj);
     add("mlp.down_proj", blk.mlp->down_proj);
     return out;
+  }
+
+  // Points the parameter handle at new (row-grown or row-cut) values in place, so that the module
+  // keeps its handle; an optimizer built earlier holds state of the old shape: build a new one.
+  static void rebind(Tensor& param, const Tensor& values) {
+    ::moa::detail::TensorImpl& impl = param.impl();
+    impl.shape = values.shape();
+    impl.strides = values.strides();
+    impl.storage = values.storage();
+    impl.offset = values.offset();
+    param.zero_grad();
   }
 
   std::shared_ptr<nn::TransformerLM> base_;
