@@ -4,6 +4,8 @@
 
   train step: forward + cross-entropy + backward + AdamW at batch 4 x 64 tokens
   decode:     greedy, KV cache, 4-token prompt then 32 new tokens, batch 1
+  LoRA step:  PEFT LoRA rank 16 (alpha 32, no dropout) on every linear of the blocks (q, k, v, o,
+              fc, proj), base frozen, AdamW on the adapters, same batch and loss
 
 Usage: python3 bench/torch_lm.py [--threads 2] [--steps 5] [--json out.json]
 """
@@ -64,6 +66,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json")
+    ap.add_argument("--no-lora", action="store_true", help="skip the PEFT LoRA step")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -81,6 +84,28 @@ def main():
         if i >= 2:
             times.append(time.perf_counter() - t0)
     step = statistics.median(times)
+
+    def timed_steps(m, params):
+        o = torch.optim.AdamW(params, lr=1e-4)
+        ts = []
+        for i in range(a.steps + 2):
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(m(x).view(-1, V), y.view(-1))
+            o.zero_grad(set_to_none=True)
+            loss.backward()
+            o.step()
+            if i >= 2:
+                ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    lora_step = None
+    if not a.no_lora:
+        from peft import LoraConfig, get_peft_model
+        torch.manual_seed(0)
+        lm = get_peft_model(GPT(), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                              target_modules=["q", "k", "v", "o", "fc", "proj"]))
+        lora_step = timed_steps(lm, [p for p in lm.parameters() if p.requires_grad])
+        del lm
     model.eval()
     with torch.no_grad():
         def decode():
@@ -99,7 +124,8 @@ def main():
             dts.append(time.perf_counter() - t0)
     dec = 32 / statistics.median(dts)
     res = {"torch": torch.__version__, "threads": a.threads, "train_step_ms": step * 1e3,
-           "train_tokens_per_s": 256 / step, "decode_tokens_per_s": dec}
+           "train_tokens_per_s": 256 / step, "decode_tokens_per_s": dec,
+           "lora_step_ms": lora_step * 1e3 if lora_step else None}
     print(json.dumps(res))
     if a.json:
         with open(a.json, "w") as f:

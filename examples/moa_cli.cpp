@@ -2,6 +2,10 @@
 //   moa generate  --model PATH [--tokenizer PATH] --prompt TEXT [...]   continue prompts
 //   moa tokenize  --tokenizer PATH [--decode]                           ids of stdin's text (or back)
 //   moa train-lm  --data FILE... --out DIR [...]                        train or continue a base model
+//   moa four-domain --data DIR [--preset quick|full] [--out DIR]         the paper's four-domain run
+//   moa route     --moa DIR --data FILE [--base PATH] [--tokenizer PATH] the expert of each prompt
+//   moa metrics   --hyp FILE --ref FILE                                 BLEU-4 (sacreBLEU) and ROUGE-L
+//   moa data prepare --raw DIR --out DIR                                the published sources -> JSONL
 // Models: a Hugging Face checkpoint directory (config.json + model.safetensors), a llama2.c .bin,
 // or a moa checkpoint directory written by train-lm.
 #include <CLI/CLI.hpp>
@@ -13,7 +17,10 @@
 #include <moa/tokenizer/load.hpp>
 #include <moa/train/lm_trainer.hpp>
 
+#include "four_domain.hpp"
+
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <iterator>
@@ -212,6 +219,65 @@ int cmd_train_lm(const TrainArgs& a) {
   return 0;
 }
 
+// The data directory of four-domain: the flag, else $MOA_FOUR_DOMAIN_DATA; a clear message without it.
+fs::path four_domain_data(const std::string& flag) {
+  const char* env = std::getenv("MOA_FOUR_DOMAIN_DATA");
+  const fs::path dir = !flag.empty() ? fs::path(flag) : env && *env ? fs::path(env) : fs::path();
+  MOA_CHECK(!dir.empty() && fs::is_directory(dir), moa::IOError,
+            "four-domain: no data directory", dir.empty() ? std::string() : " at " + dir.string(),
+            ". Pass --data DIR or set MOA_FOUR_DOMAIN_DATA to a folder with <domain>/{train,valid,test}.jsonl. "
+            "To make one, download the published source files (README.md, section 'The four-domain data') and run "
+            "`moa data prepare --raw <their folder> --out DIR`.");
+  return dir;
+}
+
+int cmd_route(const fs::path& moa_dir, const std::string& base_flag, const std::string& tok_flag, const fs::path& data_file) {
+  std::ifstream in(moa_dir / "moa_config.json");
+  MOA_CHECK(in.good(), moa::IOError, "route: cannot open ", (moa_dir / "moa_config.json").string());
+  const nlohmann::json cfg = nlohmann::json::parse(in);
+  const std::string base_path = !base_flag.empty() ? base_flag : cfg.value("base", "");
+  MOA_CHECK(!base_path.empty(), moa::ValueError, "route: the MoA names no base model; pass --base");
+  moa::nn::LoadedModel lm = moa::nn::load_model(base_path);
+  const auto tok = open_tokenizer(tok_flag, lm.tokenizer_hint);
+  auto m = moa::mixture::load_moa(lm.model, moa_dir);
+  const auto exs = moa::data::read_examples(data_file, "");
+  const auto picks = moa::four_domain::route_examples(*m, *tok, exs);
+  int64_t labelled = 0, correct = 0;
+  for (std::size_t i = 0; i < exs.size(); ++i) {
+    const std::string& chosen = m->config().domains[static_cast<std::size_t>(picks[i])];
+    std::printf("%s\t%s", exs[i].id.empty() ? std::to_string(i + 1).c_str() : exs[i].id.c_str(), chosen.c_str());
+    if (!exs[i].domain.empty()) {
+      ++labelled;
+      correct += exs[i].domain == chosen;
+      std::printf("\t%s", exs[i].domain.c_str());
+    }
+    std::printf("\n");
+  }
+  if (labelled > 0)
+    std::fprintf(stderr, "routing accuracy: %.2f%% (%lld of %lld)\n", 100.0 * static_cast<double>(correct) / static_cast<double>(labelled),
+                 static_cast<long long>(correct), static_cast<long long>(labelled));
+  return 0;
+}
+
+int cmd_metrics(const fs::path& hyp, const fs::path& ref, bool json) {
+  const auto h = moa::eval::read_lines(hyp), r = moa::eval::read_lines(ref);
+  MOA_CHECK(h.size() == r.size(), moa::ValueError, "metrics: ", hyp.string(), " has ", h.size(), " lines, ", ref.string(),
+            " has ", r.size(), "; expected one reference line per hypothesis line");
+  const auto bleu = moa::eval::corpus_bleu(h, r);
+  const double rl = moa::eval::corpus_rouge_l_f(h, r);
+  if (json) {
+    std::printf("%s\n", nlohmann::json{{"bleu", bleu.score}, {"precisions", bleu.precisions}, {"bp", bleu.bp},
+                                       {"sys_len", bleu.sys_len}, {"ref_len", bleu.ref_len}, {"rouge_l_f", rl},
+                                       {"segments", h.size()}}.dump().c_str());
+  } else {
+    std::printf("BLEU = %.2f %.1f/%.1f/%.1f/%.1f (BP = %.3f ratio = %.3f hyp_len = %lld ref_len = %lld)\n", bleu.score,
+                bleu.precisions[0], bleu.precisions[1], bleu.precisions[2], bleu.precisions[3], bleu.bp, bleu.ratio,
+                static_cast<long long>(bleu.sys_len), static_cast<long long>(bleu.ref_len));
+    std::printf("ROUGE-L F = %.4f (mean over %zu segments)\n", rl, h.size());
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -272,6 +338,43 @@ int main(int argc, char** argv) {
   tr->add_option("--val-fraction", ta.val_fraction)->capture_default_str();
   tr->add_option("--seed", ta.seed)->capture_default_str();
 
+  auto* fd = app.add_subcommand("four-domain", "the paper's four-domain run: base, five systems, evaluation, report");
+  moa::four_domain::Options fo;
+  std::string fd_data, fd_out = fo.out_dir.string(), fd_model;
+  int64_t s1 = 0, s2 = -1, bsteps = 0, eppl = 0, egen = -1;
+  fd->add_option("--data,-d", fd_data, "folder with <domain>/{train,valid,test}.jsonl (default: $MOA_FOUR_DOMAIN_DATA)");
+  fd->add_option("--out,-o", fd_out, "run folder (checkpoints, results); an interrupted run resumes from it")->capture_default_str();
+  fd->add_option("--preset", fo.preset, "quick (under 15 min on 2 cores), full, or tiny (seconds, a smoke test)")->check(CLI::IsMember({"tiny", "quick", "full"}))->capture_default_str();
+  fd->add_option("--model", fd_model, "start from this Hugging Face checkpoint instead of training a base");
+  fd->add_option("--seed", fo.seed)->capture_default_str();
+  fd->add_option("--s1-steps", s1, "stage-1 steps per domain (default: the preset's)");
+  fd->add_option("--s2-steps", s2, "stage-2 steps (default: the preset's)");
+  fd->add_option("--base-steps", bsteps, "base pretraining steps (default: the preset's)");
+  fd->add_option("--eval-ppl", eppl, "test examples per domain for perplexity and routing");
+  fd->add_option("--eval-gen", egen, "test examples per domain answered for BLEU / ROUGE-L");
+  fd->add_flag("--quiet", fo.quiet, "no progress lines");
+
+  auto* rt = app.add_subcommand("route", "print the expert each prompt of a JSONL file is routed to");
+  std::string rt_moa, rt_base, rt_tok, rt_data;
+  rt->add_option("--moa", rt_moa, "a saved MoA folder (four-domain writes <out>/systems/moa)")->required();
+  rt->add_option("--data", rt_data, "JSONL or JSON examples (instruction, input; domain scores accuracy)")->required();
+  rt->add_option("--base", rt_base, "the base model (default: the one the MoA names)");
+  rt->add_option("--tokenizer,-z", rt_tok, "tokenizer (default: the base's)");
+
+  auto* mt = app.add_subcommand("metrics", "BLEU-4 (as sacreBLEU) and ROUGE-L F (as rouge-score) of a hypothesis file");
+  std::string mt_hyp, mt_ref;
+  bool mt_json = false;
+  mt->add_option("--hyp", mt_hyp, "hypotheses, one per line")->required();
+  mt->add_option("--ref", mt_ref, "references, one per line")->required();
+  mt->add_flag("--json", mt_json, "print JSON");
+
+  auto* dt = app.add_subcommand("data", "instruction data");
+  dt->require_subcommand(1);
+  auto* dp = dt->add_subcommand("prepare", "convert the published four-domain source files into <out>/<domain>/{train,valid,test}.jsonl");
+  std::string dp_raw, dp_out;
+  dp->add_option("--raw", dp_raw, "folder with the published files (README.md lists them and where to get them)")->required();
+  dp->add_option("--out,-o", dp_out, "output folder (replaced atomically)")->required();
+
   CLI11_PARSE(app, argc, argv);
   if (threads > 0) moa::set_num_threads(threads);
   try {
@@ -282,6 +385,28 @@ int main(int argc, char** argv) {
     }
     if (*tk) return cmd_tokenize(tk_path, decode);
     if (*tr) return cmd_train_lm(ta);
+    if (*fd) {
+      fo.data_dir = four_domain_data(fd_data);
+      fo.out_dir = fd_out;
+      fo.model = fd_model;
+      if (s1 > 0) fo.s1_steps = s1;
+      if (s2 >= 0) fo.s2_steps = s2;
+      if (bsteps > 0) fo.base_steps = bsteps;
+      if (eppl > 0) fo.eval_ppl = eppl;
+      if (egen >= 0) fo.eval_gen = egen;
+      (void)moa::four_domain::run(fo);
+      std::ifstream md(fs::path(fd_out) / "results.md");
+      std::cout << md.rdbuf();
+      return 0;
+    }
+    if (*rt) return cmd_route(rt_moa, rt_base, rt_tok, rt_data);
+    if (*mt) return cmd_metrics(mt_hyp, mt_ref, mt_json);
+    if (*dp) {
+      for (const auto& c : moa::data::prepare_four_domain(dp_raw, dp_out))
+        std::printf("%-14s train %6zu  valid %4zu  test %4zu  (read %zu, dropped %zu empty, %zu duplicates)\n",
+                    c.domain.c_str(), c.train, c.valid, c.test, c.read, c.dropped_empty, c.duplicates);
+      return 0;
+    }
   } catch (const moa::Error& e) {
     std::fprintf(stderr, "moa: %s\n", e.what());
     return 1;

@@ -14,6 +14,7 @@ packages=(
   libomp-dev                # LLVM OpenMP, for clang builds (GCC brings its own libgomp)
   nlohmann-json3-dev        # JSON (safetensors headers, HF configs and tokenizers, datasets)
   libcli11-dev              # examples/: the moa command line
+  zlib1g-dev                # gzip-published datasets (moa/data/prepare.hpp)
 )
 
 if [[ ${1:-} == --list ]]; then

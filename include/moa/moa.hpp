@@ -71,3 +71,9 @@
 
 #include "moa/train/batches.hpp"
 #include "moa/train/lm_trainer.hpp"
+
+#include "moa/eval/metrics.hpp"
+
+#include "moa/data/hash.hpp"
+#include "moa/data/instruct.hpp"
+#include "moa/data/prepare.hpp"

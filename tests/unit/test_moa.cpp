@@ -369,6 +369,20 @@ TEST_CASE("MoE-LoRA (token-level top-k): the balance loss follows its formula, t
   }
   CHECK(last < 0.9 * first);
   CHECK(m.routers()[0]->weight.grad().defined());
+
+  // Generation under token routing with the KV cache equals greedy decoding by full forwards.
+  const std::vector<int32_t> prompt{16, 3, 4, 5};
+  m.use_token_routing();
+  const auto out = eval::generate(m.base(), {prompt}, {.max_new_tokens = 5})[0];
+  REQUIRE(out.size() == 5);
+  std::vector<int32_t> seq = prompt;
+  for (int32_t next : out) {
+    NoGradGuard ng;
+    const Tensor lg = m.forward_token_topk(Tensor::from_vector(seq, {1, static_cast<int64_t>(seq.size())})).contiguous();
+    const float* last_row = lg.data<float>() + (static_cast<int64_t>(seq.size()) - 1) * kV;
+    CHECK(static_cast<int32_t>(std::max_element(last_row, last_row + kV) - last_row) == next);
+    seq.push_back(next);
+  }
 }
 
 TEST_CASE("MoA save and load: config, routers and each expert as a PEFT adapter; reload gives the same model") {
@@ -411,4 +425,53 @@ TEST_CASE("MoA save and load: config, routers and each expert as a PEFT adapter;
   fs::remove_all(other);
   fs::remove_all(dir);
   test::check_throws_with<IOError>([&] { (void)mixture::load_moa(base2, dir); }, {"cannot open", "moa_config.json"});
+}
+
+TEST_CASE("MoA from stage-1 PEFT adapters trained apart; destroying an MoA leaves the base plain") {
+  namespace fs = std::filesystem;
+  const fs::path root = fs::temp_directory_path() / "moa_test_stage1_peft";
+  fs::remove_all(root);
+  const std::string all = "attn.q_proj|attn.k_proj|attn.v_proj|attn.o_proj|mlp.gate_proj|mlp.up_proj|mlp.down_proj";
+  Generator g(21);
+  // Two single LoRAs "a" and "b" on a plain base with non-zero B, saved in PEFT's layout.
+  auto lone = std::make_shared<nn::TransformerLM>(tiny(), 4);
+  for (const char* name : {"a", "b"}) {
+    lora::attach_lora(*lone, name, {.rank = 4, .alpha = 8, .target_modules = all}, 30);
+    for (const auto& s : lora::lora_sites(*lone)) {
+      NoGradGuard ng;
+      auto one = s.lora->get(name);
+      one->B.detach().copy_(Tensor::randn(one->B.shape(), g, DType::f32, 0.0, 0.3));
+    }
+    lora::save_peft_adapter(*lone, name, root / name);
+  }
+  const MoABatch b = make_batch({0, 1, 1}, g);
+  lora::set_active_lora(*lone, "b");
+  const Tensor want_b = lone->forward(b.ids);
+  lora::set_active_lora(*lone, "a");
+  const Tensor want_a = lone->forward(b.ids);
+
+  auto base = std::make_shared<nn::TransformerLM>(tiny(), 4);
+  const Tensor plain = base->forward(b.ids);
+  {
+    auto m = mixture::moa_from_peft_experts(base, moa_config({"a", "b"}, 4), {root / "a", root / "b"});
+    CHECK(test::max_abs_diff(m->forward(b, {1, 1, 1}), want_b) < 1e-5);
+    CHECK(test::max_abs_diff(m->forward(b, {0, 0, 0}), want_a) < 1e-5);
+    // Wrong rank, wrong scaling, a missing directory, the wrong number of directories.
+    test::check_throws_with<ValueError>(
+        [&] { (void)mixture::moa_from_peft_experts(std::make_shared<nn::TransformerLM>(tiny(), 4), moa_config({"a"}, 4), {}); },
+        {"one adapter directory per domain", "got 0"});
+    auto wrong_rank = std::make_shared<MoAModel>(std::make_shared<nn::TransformerLM>(tiny(), 4), moa_config({"a"}, 2));
+    test::check_throws_with<ShapeError>([&] { mixture::load_expert_peft(*wrong_rank, "a", root / "a"); },
+                                        {"rank 4", "rank 2"});
+    mixture::MoAConfig c8 = moa_config({"a"}, 4);
+    c8.alpha = 16;
+    auto wrong_scale = std::make_shared<MoAModel>(std::make_shared<nn::TransformerLM>(tiny(), 4), c8);
+    test::check_throws_with<ValueError>([&] { mixture::load_expert_peft(*wrong_scale, "a", root / "a"); }, {"scales by 2"});
+    test::check_throws_with<IOError>([&] { mixture::load_expert_peft(*m, "a", root / "none"); }, {"cannot open"});
+    test::check_throws_with<IndexError>([&] { mixture::load_expert_peft(*m, "c", root / "a"); }, {"unknown domain 'c'"});
+  }
+  // The MoA is gone: the shared base computes what it did before, with no adapter left on it.
+  CHECK(test::max_abs_diff(base->forward(b.ids), plain) == 0.0);
+  for (const auto& [n, t] : base->named_parameters()) CHECK(n.find("moa") == std::string::npos);
+  fs::remove_all(root);
 }

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <numeric>
 #include <regex>
@@ -165,6 +166,7 @@ class MoAModel : public nn::Module {
         auto ad = std::make_shared<MoAAdapter>(l, lin->in_features(), lin->out_features(), c_, routing_, gen_);
         lin->set_adapter("moa", ad);
         adapters_.push_back(ad);
+        linears_.push_back(lin);
         adapter_paths_.push_back("blocks." + std::to_string(l) + "." + path);
         ++attached;
       }
@@ -174,7 +176,14 @@ class MoAModel : public nn::Module {
     for (int64_t l = 0; l < base_->config().n_layers; ++l)
       routers_.push_back(list->push_back(std::make_shared<Router>(base_->config().dim, num_experts(), gen_)));
   }
-  ~MoAModel() override { base_->block_hook = nullptr; }
+  // Detaches the experts: the base (which others may share) is left as it was before, plain.
+  ~MoAModel() override {
+    base_->block_hook = nullptr;
+    for (std::size_t i = 0; i < linears_.size(); ++i)
+      if (linears_[i]->adapter() == adapters_[i]) linears_[i]->set_adapter("moa", nullptr);
+  }
+  MoAModel(const MoAModel&) = delete;
+  MoAModel& operator=(const MoAModel&) = delete;
 
   const MoAConfig& config() const { return c_; }
   nn::TransformerLM& base() { return *base_; }
@@ -223,6 +232,7 @@ class MoAModel : public nn::Module {
     const int64_t L = base_->config().n_layers;
     routing_->mode = RoutingMode::sequence;
     routing_->seq_expert.assign(static_cast<std::size_t>(L), experts);
+    base_->block_hook = nullptr;
     if (router_logits) {
       router_logits->clear();
       base_->block_hook = [&](int64_t l, const Tensor& x) { router_logits->push_back(router_logits_of(l, x, b)); };
@@ -253,44 +263,9 @@ class MoAModel : public nn::Module {
   // weights. *balance gets the Switch-Transformer load-balancing loss averaged over layers:
   // E * sum_e f_e P_e, f_e the fraction of tokens whose first choice is e, P_e the mean probability.
   Tensor forward_token_topk(const Tensor& ids, Tensor* balance = nullptr) {
-    const int64_t L = base_->config().n_layers, E = num_experts();
-    const int64_t k = std::min<int64_t>(c_.top_k, E);
-    MOA_CHECK(k >= 1, ValueError, "MoAModel: expected top_k >= 1, got ", c_.top_k);
-    routing_->mode = RoutingMode::token_topk;
-    routing_->rows.assign(static_cast<std::size_t>(L), {});
-    routing_->experts.assign(static_cast<std::size_t>(L), {});
-    routing_->weights.assign(static_cast<std::size_t>(L), Tensor());
-    Tensor aux;
-    base_->block_hook = [&](int64_t l, const Tensor& x) {
-      const int64_t N = x.numel() / x.size(-1);
-      const Tensor h = x.reshape({N, x.size(-1)});
-      const Tensor hn = h / sqrt(shift(mean(h * h, {1}, true), 1e-6));
-      const Tensor probs = softmax(linear(hn, routers_[static_cast<std::size_t>(l)]->weight), -1);  // (N, E)
-      const Tensor pc = probs.contiguous();
-      const float* p = pc.data<float>();
-      std::vector<int32_t> idx(static_cast<std::size_t>(N * k)), rows(idx.size());
-      std::vector<float> first(static_cast<std::size_t>(E), 0.0f);
-      std::vector<int32_t> order(static_cast<std::size_t>(E));
-      for (int64_t n = 0; n < N; ++n) {
-        std::iota(order.begin(), order.end(), 0);
-        std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                          [&](int32_t a, int32_t b) { return p[n * E + a] > p[n * E + b] || (p[n * E + a] == p[n * E + b] && a < b); });
-        for (int64_t j = 0; j < k; ++j) {
-          idx[static_cast<std::size_t>(n * k + j)] = order[j];
-          rows[static_cast<std::size_t>(n * k + j)] = static_cast<int32_t>(n);
-        }
-        first[static_cast<std::size_t>(order[0])] += 1.0f / static_cast<float>(N);
-      }
-      Tensor w = gather(probs, 1, Tensor::from_vector(idx, {N, k}));   // (N, k)
-      w = w / sum(w, {1}, true);
-      routing_->rows[l] = rows;
-      routing_->experts[l] = idx;
-      routing_->weights[l] = w.reshape({N * k});
-      if (balance) {
-        const Tensor term = scale(sum(mean(probs, {0}) * Tensor::from_vector(first)), static_cast<double>(E));
-        aux = aux.defined() ? aux + term : term;
-      }
-    };
+    const int64_t L = base_->config().n_layers;
+    auto aux = std::make_shared<Tensor>();
+    base_->block_hook = token_hook(balance ? aux : nullptr);
     Tensor logits;
     try {
       logits = base_->forward(ids);
@@ -299,9 +274,14 @@ class MoAModel : public nn::Module {
       throw;
     }
     base_->block_hook = nullptr;
-    if (balance) *balance = scale(aux, 1.0 / static_cast<double>(L));
+    if (balance) *balance = scale(*aux, 1.0 / static_cast<double>(L));
     return logits;
   }
+
+  // MoE-LoRA inference: from now on every forward of the base (e.g. eval::generate with its KV
+  // cache, one new token per step) routes each token to its top_k experts by the layer's router,
+  // until the next forward / route / use_experts call.
+  void use_token_routing() { base_->block_hook = token_hook(nullptr); }
 
   // Unknown domains: each layer uses its own router's choice while the prompt runs; then the last
   // router (or the vote of all) picks one expert per sequence. Also returns every layer's choice.
@@ -345,6 +325,7 @@ class MoAModel : public nn::Module {
     for (int32_t e : experts)
       MOA_CHECK(e >= 0 && e < num_experts(), IndexError, "MoAModel: expert index ", e, " is outside [0, ",
                 num_experts(), ")");
+    base_->block_hook = nullptr;
     routing_->mode = RoutingMode::sequence;
     routing_->seq_expert.assign(static_cast<std::size_t>(base_->config().n_layers), experts);
   }
@@ -392,6 +373,49 @@ class MoAModel : public nn::Module {
   }
 
  private:
+  // The block hook of token-level top-k routing; adds each layer's balance term to *aux when given.
+  std::function<void(int64_t, const Tensor&)> token_hook(std::shared_ptr<Tensor> aux) {
+    const int64_t L = base_->config().n_layers, E = num_experts();
+    const int64_t k = std::min<int64_t>(c_.top_k, E);
+    MOA_CHECK(k >= 1, ValueError, "MoAModel: expected top_k >= 1, got ", c_.top_k);
+    routing_->mode = RoutingMode::token_topk;
+    routing_->rows.assign(static_cast<std::size_t>(L), {});
+    routing_->experts.assign(static_cast<std::size_t>(L), {});
+    routing_->weights.assign(static_cast<std::size_t>(L), Tensor());
+    return [this, aux, E, k](int64_t l, const Tensor& x) {
+      const int64_t N = x.numel() / x.size(-1);
+      const Tensor h = x.reshape({N, x.size(-1)});
+      const Tensor hn = h / sqrt(shift(mean(h * h, {1}, true), 1e-6));
+      const Tensor probs = softmax(linear(hn, routers_[static_cast<std::size_t>(l)]->weight), -1);  // (N, E)
+      const Tensor pc = probs.contiguous();
+      const float* p = pc.data<float>();
+      std::vector<int32_t> idx(static_cast<std::size_t>(N * k)), rows(idx.size());
+      std::vector<float> first(static_cast<std::size_t>(E), 0.0f);
+      std::vector<int32_t> order(static_cast<std::size_t>(E));
+      for (int64_t n = 0; n < N; ++n) {
+        std::iota(order.begin(), order.end(), 0);
+        std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+          return p[n * E + a] > p[n * E + b] || (p[n * E + a] == p[n * E + b] && a < b);
+        });
+        for (int64_t j = 0; j < k; ++j) {
+          idx[static_cast<std::size_t>(n * k + j)] = order[static_cast<std::size_t>(j)];
+          rows[static_cast<std::size_t>(n * k + j)] = static_cast<int32_t>(n);
+        }
+        first[static_cast<std::size_t>(order[0])] += 1.0f / static_cast<float>(N);
+      }
+      Tensor w = gather(probs, 1, Tensor::from_vector(idx, {N, k}));  // (N, k)
+      w = w / sum(w, {1}, true);
+      routing_->mode = RoutingMode::token_topk;
+      routing_->rows[static_cast<std::size_t>(l)] = rows;
+      routing_->experts[static_cast<std::size_t>(l)] = idx;
+      routing_->weights[static_cast<std::size_t>(l)] = w.reshape({N * k});
+      if (aux) {
+        const Tensor term = scale(sum(mean(probs, {0}) * Tensor::from_vector(first)), static_cast<double>(E));
+        *aux = aux->defined() ? *aux + term : term;
+      }
+    };
+  }
+
   Tensor router_logits_of(int64_t l, const Tensor& x, const MoABatch& b) const {
     return router_logits(l, x, b.prompt_mask.defined() ? b.prompt_mask : Tensor::ones({x.size(0), x.size(1)}));
   }
@@ -443,6 +467,7 @@ class MoAModel : public nn::Module {
   Generator gen_;
   std::shared_ptr<RoutingState> routing_;
   std::vector<std::shared_ptr<MoAAdapter>> adapters_;
+  std::vector<std::shared_ptr<nn::Linear>> linears_;  // where adapters_[i] sits
   std::vector<std::string> adapter_paths_;
   std::vector<std::shared_ptr<Router>> routers_;
 };

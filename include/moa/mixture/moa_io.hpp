@@ -60,6 +60,31 @@ inline MoAConfig moa_config_from_json(const nlohmann::json& j, const std::string
   }
 }
 
+namespace detail {
+
+// Copies expert e's A and B of every adapted linear from a PEFT adapter_model.safetensors.
+inline void copy_expert(MoAModel& m, std::size_t e, const std::filesystem::path& file, const char* op) {
+  const nn::HfFamily family = lora::hf_family_of(m.base().config());
+  NoGradGuard no_grad;
+  const io::TensorMap t = io::load_safetensors(file).tensors;
+  MOA_CHECK(t.size() == 2 * m.adapters().size(), IOError, op, ": ", file.string(), " holds ", t.size(),
+            " tensors, expected ", 2 * m.adapters().size(), " (A and B of each of the MoA's ", m.adapters().size(),
+            " adapted linears)");
+  for (std::size_t i = 0; i < m.adapters().size(); ++i) {
+    const auto hf = lora::detail::hf_target_of(m.adapter_paths()[i], family).hf_path;
+    const auto& ex = (*m.adapters()[i]->experts())[e];
+    for (auto [suffix, dst] : {std::pair{".lora_A.weight", ex->lora_A}, std::pair{".lora_B.weight", ex->lora_B}}) {
+      const std::string key = lora::detail::peft_prefix() + hf + suffix;
+      MOA_CHECK(t.count(key), IOError, op, ": ", file.string(), " has no ", key);
+      MOA_CHECK(t.at(key).shape() == dst.shape(), ShapeError, op, ": ", key, " expected shape ", shape_str(dst.shape()),
+                ", got ", shape_str(t.at(key).shape()));
+      dst.detach().copy_(t.at(key));
+    }
+  }
+}
+
+}  // namespace detail
+
 // Saves `m` into `dir`; `base_ref` says where the base model lives (a path or a hub name).
 inline void save_moa(const MoAModel& m, const std::filesystem::path& dir, const std::string& base_ref) {
   namespace fs = std::filesystem;
@@ -126,7 +151,6 @@ inline std::shared_ptr<MoAModel> load_moa(std::shared_ptr<nn::TransformerLM> bas
     throw IOError(::moa::detail::cat(cfg_path.string(), ": malformed JSON: ", e.what()));
   }
   auto m = std::make_shared<MoAModel>(base, moa_config_from_json(j, cfg_path.string()));
-  const nn::HfFamily family = lora::hf_family_of(base->config());
   NoGradGuard no_grad;
   const io::TensorMap routers = io::load_safetensors(dir / "routers.safetensors").tensors;
   for (std::size_t l = 0; l < m->routers().size(); ++l) {
@@ -136,23 +160,43 @@ inline std::shared_ptr<MoAModel> load_moa(std::shared_ptr<nn::TransformerLM> bas
               shape_str(m->routers()[l]->weight.shape()), ", got ", shape_str(routers.at(key).shape()));
     m->routers()[l]->weight.detach().copy_(routers.at(key));
   }
-  for (std::size_t e = 0; e < m->config().domains.size(); ++e) {
-    const auto file = dir / "experts" / m->config().domains[e] / "adapter_model.safetensors";
-    const io::TensorMap t = io::load_safetensors(file).tensors;
-    MOA_CHECK(t.size() == 2 * m->adapters().size(), IOError, "load_moa: ", file.string(), " holds ", t.size(),
-              " tensors, expected ", 2 * m->adapters().size());
-    for (std::size_t i = 0; i < m->adapters().size(); ++i) {
-      const auto hf = lora::detail::hf_target_of(m->adapter_paths()[i], family).hf_path;
-      const auto& ex = (*m->adapters()[i]->experts())[e];
-      for (auto [suffix, dst] : {std::pair{".lora_A.weight", ex->lora_A}, std::pair{".lora_B.weight", ex->lora_B}}) {
-        const std::string key = lora::detail::peft_prefix() + hf + suffix;
-        MOA_CHECK(t.count(key), IOError, "load_moa: ", file.string(), " has no ", key);
-        MOA_CHECK(t.at(key).shape() == dst.shape(), ShapeError, "load_moa: ", key, " expected shape ",
-                  shape_str(dst.shape()), ", got ", shape_str(t.at(key).shape()));
-        dst.detach().copy_(t.at(key));
-      }
-    }
+  for (std::size_t e = 0; e < m->config().domains.size(); ++e)
+    detail::copy_expert(*m, e, dir / "experts" / m->config().domains[e] / "adapter_model.safetensors", "load_moa");
+  return m;
+}
+
+// Stage 1 trained apart: sets the expert of `domain` from a PEFT adapter directory
+// (adapter_config.json + adapter_model.safetensors, written by lora::save_peft_adapter or by PEFT).
+// Its rank and scaling must equal the MoA's, and it must adapt exactly the MoA's linears.
+inline void load_expert_peft(MoAModel& m, const std::string& domain, const std::filesystem::path& dir) {
+  const int32_t e = m.domain_index(domain);
+  const auto cfg_path = dir / "adapter_config.json";
+  std::ifstream in(cfg_path);
+  MOA_CHECK(in.good(), IOError, "load_expert_peft: cannot open ", cfg_path.string());
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& ex) {
+    throw IOError(::moa::detail::cat(cfg_path.string(), ": malformed JSON: ", ex.what()));
   }
+  const lora::LoRAConfig lc = lora::lora_config_from_peft(j, cfg_path.string());
+  MOA_CHECK(lc.rank == m.config().rank, ShapeError, "load_expert_peft: ", dir.string(), " has rank ", lc.rank,
+            ", the MoA's experts have rank ", m.config().rank);
+  MOA_CHECK(std::abs(lc.scale() - m.config().scale()) <= 1e-12 * std::abs(m.config().scale()), ValueError,
+            "load_expert_peft: ", dir.string(), " scales by ", lc.scale(), " (alpha ", lc.alpha,
+            "), the MoA's experts by ", m.config().scale());
+  detail::copy_expert(m, static_cast<std::size_t>(e), dir / "adapter_model.safetensors", "load_expert_peft");
+}
+
+// An MoA whose experts start from stage-1 PEFT adapters, one directory per domain (in
+// config.domains order); the routers start fresh.
+inline std::shared_ptr<MoAModel> moa_from_peft_experts(std::shared_ptr<nn::TransformerLM> base, MoAConfig config,
+                                                       const std::vector<std::filesystem::path>& dirs,
+                                                       std::uint64_t seed = 7) {
+  MOA_CHECK(dirs.size() == config.domains.size(), ValueError, "moa_from_peft_experts: expected one adapter directory per domain (",
+            config.domains.size(), "), got ", dirs.size());
+  auto m = std::make_shared<MoAModel>(std::move(base), std::move(config), seed);
+  for (std::size_t e = 0; e < dirs.size(); ++e) load_expert_peft(*m, m->config().domains[e], dirs[e]);
   return m;
 }
 
