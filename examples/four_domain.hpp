@@ -95,6 +95,9 @@ inline Preset quick_preset() {
   c.hidden_dim = 512;
   c.tie_embeddings = true;
   p.model = c;
+  p.base_steps = 800;     // ~1.2M tokens, about 5 minutes on 2 cores
+  p.s1_steps = 50;
+  p.s2_steps = 100;       // every system: 4 x 50 + 100 = 300 LoRA steps of 8 sequences
   return p;
 }
 
@@ -302,7 +305,7 @@ struct Phase {
   int64_t steps = 0;
   std::vector<std::pair<std::string, Tensor>> params;  // trained, by unique name
   std::vector<int32_t> domains;            // which domains a batch mixes
-  std::function<Tensor(const MoABatch&)> loss;
+  std::function<std::pair<Tensor, Tensor>(const MoABatch&)> loss;  // {what is minimised, its L_LM part}
   std::function<void(int64_t step)> after_step;  // e.g. the stage-1 snapshot
 };
 
@@ -338,14 +341,14 @@ class Runner {
     double ema = curve.empty() ? 0 : curve.back().loss;
     while (step < ph.steps) {
       const MoABatch b = make_batch(sampler.next(ph.domains, p_.batch), pad);
-      Tensor loss = ph.loss(b);
+      auto [loss, lm_part] = ph.loss(b);
       opt.zero_grad();
       loss.backward();
       (void)optim::clip_grad_norm(params, 1.0);
       opt.set_lr(sched.lr(step));
       opt.step();
       ++step;
-      const double l = loss.item<double>();
+      const double l = lm_part.item<double>();  // the curves show L_LM (answer tokens) for every system
       ema = step == 1 ? l : 0.9 * ema + 0.1 * l;
       if (step % 5 == 0 || step == ph.steps) curve.push_back({step, ema});
       if (ph.after_step) ph.after_step(step);
@@ -522,7 +525,7 @@ inline std::string curves_svg(const std::vector<std::tuple<std::string, int64_t,
   static const char* colors[] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"};
   std::string o = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + fmt(W, 0) + "\" height=\"" + fmt(H, 0) +
                   "\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
-  o += "<text x=\"" + fmt(L, 0) + "\" y=\"18\" font-size=\"14\">Training loss (answer tokens, moving average) per phase</text>\n";
+  o += "<text x=\"" + fmt(L, 0) + "\" y=\"18\" font-size=\"14\">Training L_LM (answer tokens, moving average) per phase</text>\n";
   for (int i = 0; i <= 5; ++i) {
     const double y = ymin + (ymax - ymin) * i / 5, x = xmax * i / 5;
     o += "<line x1=\"" + fmt(L, 1) + "\" x2=\"" + fmt(W - R, 1) + "\" y1=\"" + fmt(Y(y), 1) + "\" y2=\"" + fmt(Y(y), 1) +
@@ -548,7 +551,7 @@ inline std::string curves_svg(const std::vector<std::tuple<std::string, int64_t,
 
 // The routing confusion matrix: rows the true domain, columns the chosen expert.
 inline std::string confusion_svg(const std::vector<std::string>& names, const std::vector<std::vector<int64_t>>& m) {
-  const double cell = 90, L = 130, T = 60;
+  const double cell = 112, L = 130, T = 60;
   const double W = L + cell * static_cast<double>(names.size()) + 20, H = T + cell * static_cast<double>(names.size()) + 40;
   std::string o = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + fmt(W, 0) + "\" height=\"" + fmt(H, 0) +
                   "\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
@@ -564,7 +567,8 @@ inline std::string confusion_svg(const std::vector<std::string>& names, const st
       o += "<rect x=\"" + fmt(L + cell * static_cast<double>(c), 1) + "\" y=\"" + fmt(T + cell * static_cast<double>(r), 1) + "\" width=\"" + fmt(cell, 0) + "\" height=\"" + fmt(cell, 0) +
            "\" fill=\"rgb(" + std::to_string(shade) + "," + std::to_string(shade) + ",255)\" stroke=\"#333\"/>\n";
       o += "<text x=\"" + fmt(L + cell * (static_cast<double>(c) + 0.5), 1) + "\" y=\"" + fmt(T + cell * (static_cast<double>(r) + 0.5) + 4, 1) +
-           "\" text-anchor=\"middle\">" + std::to_string(m[r][c]) + " (" + fmt(100 * f, 1) + "%)</text>\n";
+           "\" text-anchor=\"middle\" fill=\"" + (f > 0.5 ? "white" : "black") + "\">" + std::to_string(m[r][c]) + " (" +
+           fmt(100 * f, 1) + "%)</text>\n";
     }
   }
   return o + "</svg>\n";
@@ -775,8 +779,9 @@ inline nlohmann::json run(const Options& o) {
   auto curve_of = [&](const std::string& phase) {
     std::vector<CurvePoint> c;
     const fs::path ck = o.out_dir / "checkpoints" / phase;
-    if (fs::exists(ck / "state.json"))
-      for (const auto& pt : io::load_checkpoint(ck).metadata.at("curve")) c.push_back({pt.at(0).get<int64_t>(), pt.at(1).get<double>()});
+    if (!fs::exists(ck / "state.json")) return c;
+    const io::TrainingCheckpoint saved = io::load_checkpoint(ck);
+    for (const auto& pt : saved.metadata.at("curve")) c.push_back({pt.at(0).get<int64_t>(), pt.at(1).get<double>()});
     return c;
   };
   auto stage1_file = [&](int32_t d) { return stage1 / (D[static_cast<std::size_t>(d)] + ".safetensors"); };
@@ -787,6 +792,15 @@ inline nlohmann::json run(const Options& o) {
     for (std::size_t i = 0; i < ps.size(); ++i) ps[i].detach().copy_(t.at("p" + std::to_string(i)));
   };
 
+  // The base alone, for reference: a one-expert MoA whose B is still zero adds nothing to it.
+  {
+    mixture::MoAConfig c0 = mc;
+    c0.domains = {"base"};
+    c0.eta = 0;
+    MoAModel m(base, c0, seed_of("base"));
+    results.push_back(evaluate(m, "base", Chooser::zero));
+    timing["base_eval_s"] = phase_time();
+  }
   // Single-LoRA: expert d on domain d; its state after s1 steps is stage 1 of MoA and MoE-LoRA.
   {
     bool done = false;
@@ -798,7 +812,10 @@ inline nlohmann::json run(const Options& o) {
         Sampler sampler(train_enc, seed_of(ph));
         MoAModel* mp = m.get();
         runner.train({.name = ph, .steps = steps, .params = named(m->expert_parameters(d), "p"), .domains = {d},
-                      .loss = [mp](const MoABatch& b) { return cross_entropy(mp->forward(b, b.domain), b.targets); },
+                      .loss = [mp](const MoABatch& b) {
+                        Tensor lm = cross_entropy(mp->forward(b, b.domain), b.targets);
+                        return std::pair{lm, lm};
+                      },
                       .after_step = [&, mp, d](int64_t step) {
                         if (step != p.s1_steps) return;
                         io::TensorMap t;
@@ -829,7 +846,10 @@ inline nlohmann::json run(const Options& o) {
       MoAModel* mp = m.get();
       if (p.s2_steps > 0)
         runner.train({.name = "moa-stage2", .steps = p.s2_steps, .params = ps, .domains = all,
-                      .loss = [mp](const MoABatch& b) { return mp->loss(b)[0]; }, .after_step = {}},
+                      .loss = [mp](const MoABatch& b) {
+                        auto ls = mp->loss(b);
+                        return std::pair{ls[0], ls[1]};
+                      }, .after_step = {}},
                      sampler, *eos);
       mixture::save_moa(*m, system_dir("moa"), base_ref);
     }
@@ -850,7 +870,8 @@ inline nlohmann::json run(const Options& o) {
       MoAModel* mp = m.get();
       runner.train({.name = "mixed-lora", .steps = budget, .params = named(m->expert_parameters(0), "p"), .domains = all,
                     .loss = [mp](const MoABatch& b) {
-                      return cross_entropy(mp->forward(b, std::vector<int32_t>(b.domain.size(), 0)), b.targets);
+                      Tensor lm = cross_entropy(mp->forward(b, std::vector<int32_t>(b.domain.size(), 0)), b.targets);
+                      return std::pair{lm, lm};
                     }, .after_step = {}},
                    sampler, *eos);
       mixture::save_moa(*m, system_dir("mixed-lora"), base_ref);
@@ -885,7 +906,7 @@ inline nlohmann::json run(const Options& o) {
                       .loss = [mp, bw](const MoABatch& b) {
                         Tensor bal;
                         const Tensor lm = cross_entropy(mp->forward_token_topk(b.ids, &bal), b.targets);
-                        return lm + scale(bal, bw);
+                        return std::pair{lm + scale(bal, bw), lm};
                       }, .after_step = {}},
                      sampler, *eos);
       mixture::save_moa(*m, system_dir(n), base_ref);
@@ -897,10 +918,22 @@ inline nlohmann::json run(const Options& o) {
   }
 
   // 5. Routing report and 6. the report files.
-  const SystemResult& moa_r = results[1];
+  const SystemResult& moa_r = *std::find_if(results.begin(), results.end(), [](const SystemResult& r) { return r.name == "moa"; });
   const eval::RoutingReport rr = eval::routing_report(moa_r.routed, moa_r.truth, nd);
-  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
-  nlohmann::json out{{"preset", p.name}, {"domains", D}, {"wall_s", wall}, {"timing_s", timing},
+  const double this_run = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
+  double wall = this_run;
+  {
+    const fs::path ef = o.out_dir / "elapsed.json";
+    std::vector<double> runs;
+    if (fs::exists(ef)) {
+      std::ifstream in(ef);
+      runs = nlohmann::json::parse(in).at("invocations_s").get<std::vector<double>>();
+    }
+    runs.push_back(this_run);
+    wall = std::accumulate(runs.begin(), runs.end(), 0.0);
+    write_text_atomic(ef, nlohmann::json{{"invocations_s", runs}}.dump() + "\n");
+  }
+  nlohmann::json out{{"preset", p.name}, {"domains", D}, {"wall_s", wall}, {"this_invocation_s", this_run}, {"timing_s", timing},
                      {"budget_steps", budget}, {"batch", p.batch}, {"seq_len", seq_len},
                      {"s1_steps", p.s1_steps}, {"s2_steps", p.s2_steps}, {"rank", p.rank}, {"alpha", p.alpha},
                      {"base", base_ref}, {"base_config", base->config().to_json()},
@@ -925,7 +958,7 @@ inline nlohmann::json run(const Options& o) {
   md += "Test split, first " + std::to_string(p.eval_ppl) + " examples per domain for perplexity and routing, first " +
         std::to_string(p.eval_gen) + " answered greedily (at most " + std::to_string(p.max_new_tokens) +
         " tokens) for BLEU-4 (sacreBLEU) and ROUGE-L F (rouge-score), x100. Every system: " +
-        std::to_string(budget) + " LoRA steps of " + std::to_string(p.batch) + " sequences. Wall time " + fmt(wall / 60, 1) + " min.\n\n";
+        std::to_string(budget) + " LoRA steps of " + std::to_string(p.batch) + " sequences. Wall time " + fmt(wall / 60, 1) + " min (all invocations of this run folder).\n\n";
   md += "| domain |";
   for (const auto& r : results) md += " " + r.name + " PPL / BLEU / R-L |";
   md += "\n|---|";

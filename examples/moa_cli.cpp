@@ -253,6 +253,7 @@ int cmd_route(const fs::path& moa_dir, const std::string& base_flag, const std::
     }
     std::printf("\n");
   }
+  std::fflush(stdout);
   if (labelled > 0)
     std::fprintf(stderr, "routing accuracy: %.2f%% (%lld of %lld)\n", 100.0 * static_cast<double>(correct) / static_cast<double>(labelled),
                  static_cast<long long>(correct), static_cast<long long>(labelled));

@@ -123,9 +123,9 @@ TEST_CASE("four-domain: a tiny run writes the report; interrupted and resumed, i
   const nlohmann::json straight = fd::run(o);
   for (const char* f : {"results.md", "results.json", "curves.svg", "confusion.svg", "tokenizer.json"})
     CHECK(fs::exists(root / "straight" / f));
-  for (const char* s : {"single-lora", "moa", "mixed-lora", "moe-lora", "moe-naive"}) {
+  for (const char* s : {"base", "single-lora", "moa", "mixed-lora", "moe-lora", "moe-naive"}) {
     INFO(s);
-    CHECK(fs::exists(root / "straight" / "systems" / s / "moa_config.json"));
+    if (std::string(s) != "base") CHECK(fs::exists(root / "straight" / "systems" / s / "moa_config.json"));
     const auto& avg = straight["systems"][s]["average"];
     CHECK(std::isfinite(avg["ppl"].get<double>()));
     CHECK(avg["ppl"].get<double>() > 1.0);
@@ -142,6 +142,19 @@ TEST_CASE("four-domain: a tiny run writes the report; interrupted and resumed, i
   }();
   CHECK(md.find("| **average** |") != std::string::npos);
   CHECK(md.find("MoA router accuracy") != std::string::npos);
+  {  // every phase drew a line: 4 single-LoRA phases, MoA stage 2, mixed, MoE-LoRA, MoE naive
+    std::ifstream in(root / "straight" / "curves.svg");
+    const std::string svg(std::istreambuf_iterator<char>(in), {});
+    std::size_t lines = 0, pos = 0;
+    while ((pos = svg.find("<polyline", pos)) != std::string::npos) {
+      ++lines;
+      const auto pts = svg.find("points=\"", pos);
+      REQUIRE(pts != std::string::npos);
+      CHECK(svg[pts + 8] != '"');  // not empty
+      ++pos;
+    }
+    CHECK(lines == 8);
+  }
 
   // Stopped in the middle of MoA's stage 2 (after step 3; the checkpoint is at step 2), then run
   // again: finished phases are loaded, the stopped one resumes, and every number is the same.
