@@ -240,7 +240,7 @@ int cmd_route(const fs::path& moa_dir, const std::string& base_flag, const std::
   moa::nn::LoadedModel lm = moa::nn::load_model(base_path);
   const auto tok = open_tokenizer(tok_flag, lm.tokenizer_hint);
   auto m = moa::mixture::load_moa(lm.model, moa_dir);
-  const auto exs = moa::data::read_examples(data_file, "");
+  const auto exs = moa::data::read_prompts(data_file);
   const auto picks = moa::four_domain::route_examples(*m, *tok, exs);
   int64_t labelled = 0, correct = 0;
   for (std::size_t i = 0; i < exs.size(); ++i) {

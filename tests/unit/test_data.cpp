@@ -122,6 +122,18 @@ TEST_CASE("read_examples: JSONL and JSON arrays, optional fields, the domain per
 
   write_bytes(tmp / "empty.jsonl", " \n\n");
   CHECK(read_examples(tmp / "empty.jsonl").empty());
+
+  // Prompts (moa route): output and domain may be absent; the instruction may not.
+  write_bytes(tmp / "p.jsonl", R"({"instruction": "Q"})" "\n" R"({"instruction": "R", "domain": "x", "output": "B"})" "\n");
+  ex = read_prompts(tmp / "p.jsonl");
+  REQUIRE(ex.size() == 2);
+  CHECK(ex[0].domain.empty());
+  CHECK(ex[0].output.empty());
+  CHECK(ex[0].id.empty());
+  CHECK(ex[1].domain == "x");
+  CHECK(ex[1].id == example_id("x", "R", ""));
+  write_bytes(tmp / "q.jsonl", R"({"input": "no instruction"})" "\n");
+  check_throws_with<moa::IOError>([&] { read_prompts(tmp / "q.jsonl"); }, {"q.jsonl:1", "instruction"});
 }
 
 TEST_CASE("read_examples: a malformed record names the file, the line and what was wrong") {

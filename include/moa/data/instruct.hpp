@@ -146,13 +146,13 @@ inline std::string string_field(const nlohmann::json& j, const char* key, bool r
 // One record. `domain` non-empty: it is the record's domain (the record's own field is ignored,
 // unless `must_match`, when a different one is an error: a record filed under the wrong folder).
 inline Example example_from_json(const nlohmann::json& j, const std::string& domain, bool must_match,
-                                 const std::string& loc, const char* op) {
+                                 const std::string& loc, const char* op, bool prompts_only = false) {
   MOA_CHECK(j.is_object(), IOError, op, ": ", loc, ": expected a JSON object with \"instruction\" and \"output\", got ",
             j.type_name());
   Example e;
   e.instruction = string_field(j, "instruction", true, loc, op);
   e.input = string_field(j, "input", false, loc, op);
-  e.output = string_field(j, "output", true, loc, op);
+  e.output = string_field(j, "output", !prompts_only, loc, op);
   e.source = string_field(j, "source", false, loc, op);
   e.id = string_field(j, "id", false, loc, op);
   const std::string own = string_field(j, "domain", false, loc, op);
@@ -161,17 +161,17 @@ inline Example example_from_json(const nlohmann::json& j, const std::string& dom
               "\" disagrees with its folder \"", domain, "\"");
     e.domain = domain;
   } else {
-    MOA_CHECK(!own.empty(), ValueError, op, ": ", loc,
+    MOA_CHECK(!own.empty() || prompts_only, ValueError, op, ": ", loc,
               ": the record has no \"domain\" and none was given for the file");
     e.domain = own;
   }
-  if (e.id.empty()) e.id = example_id(e.domain, e.instruction, e.input);
+  if (e.id.empty() && !e.domain.empty()) e.id = example_id(e.domain, e.instruction, e.input);
   return e;
 }
 
 // read_examples with the folder check (load_four_domain) switchable.
 inline std::vector<Example> read_examples_impl(const std::filesystem::path& file, const std::string& domain,
-                                               bool must_match, const char* op) {
+                                               bool must_match, const char* op, bool prompts_only = false) {
   const std::string text = moa::io::detail::read_text_file(file, op);
   std::string_view body(text);
   if (body.substr(0, 3) == "\xEF\xBB\xBF") body.remove_prefix(3);  // a UTF-8 byte-order mark
@@ -188,7 +188,7 @@ inline std::vector<Example> read_examples_impl(const std::filesystem::path& file
     }
     out.reserve(arr.size());
     for (std::size_t i = 0; i < arr.size(); ++i)
-      out.push_back(example_from_json(arr[i], domain, must_match, record_location(file, true, i), op));
+      out.push_back(example_from_json(arr[i], domain, must_match, record_location(file, true, i), op, prompts_only));
     return out;
   }
 
@@ -209,7 +209,7 @@ inline std::vector<Example> read_examples_impl(const std::filesystem::path& file
       throw IOError(cat(op, ": ", loc, ": expected one JSON object on the line, got malformed JSON (", e.what(),
                         "): ", std::string(line.substr(0, 80))));
     }
-    out.push_back(example_from_json(j, domain, must_match, loc, op));
+    out.push_back(example_from_json(j, domain, must_match, loc, op, prompts_only));
   }
   return out;
 }
@@ -221,6 +221,12 @@ inline std::vector<Example> read_examples_impl(const std::filesystem::path& file
 // records' own field); otherwise each record must carry one.
 inline std::vector<Example> read_examples(const std::filesystem::path& file, const std::string& domain = "") {
   return detail::read_examples_impl(file, domain, false, "read_examples");
+}
+
+// Prompts to route or answer: as read_examples, but `output` and `domain` may be absent (then
+// empty; an id is made only when the domain is known).
+inline std::vector<Example> read_prompts(const std::filesystem::path& file) {
+  return detail::read_examples_impl(file, "", false, "read_prompts", true);
 }
 
 // Train / valid / test records per domain.

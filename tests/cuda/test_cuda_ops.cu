@@ -1,0 +1,550 @@
+// The CUDA kernels (include/moa/kernels/cuda/) against the CPU reference kernels
+// (include/moa/kernels/reference/), forward and backward, on random inputs including odd sizes.
+//
+// Error measure: normwise relative error, max_i |gpu_i - ref_i| / max_i |ref_i|, with the reference
+// computed in double (or in float with double sums, as the reference kernels do). Bounds per dtype:
+//   float32, elementwise ops (activations forward, clip scaling):            1e-6
+//   float32, activation derivatives (float tanhf/expf, a few roundings):    2e-6
+//   embedding forward (a copy): exact
+//   float32, row reductions (softmax, cross-entropy, norms) of up to ~5e4:   1e-5
+//   float32, products and attention with sums of up to a few hundred terms:  1e-5 .. 2e-5
+//     (float32 sums in a different order: about sqrt(K) * 2^-24 relative, far below these)
+//   float32 accumulated with atomics (dweight, dA, dB, embedding backward):  1e-5
+//   bf16 inputs, float32 accumulation, against a reference on the same bf16-rounded inputs: 1e-5
+//     (the inputs' own rounding, 2^-9 relative per element, is excluded by construction)
+//   AdamW: bit-identical to the same float32 operations on the host (0 ulp).
+//
+// Without a CUDA device the binary prints why and exits 77, which CTest reports as skipped
+// (SKIP_RETURN_CODE); CI on machines without a GPU excludes the label `cuda` anyway.
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "moa/kernels/cuda/activation.cuh"
+#include "moa/kernels/cuda/adamw.cuh"
+#include "moa/kernels/cuda/allocator.cuh"
+#include "moa/kernels/cuda/attention.cuh"
+#include "moa/kernels/cuda/check.cuh"
+#include "moa/kernels/cuda/embedding.cuh"
+#include "moa/kernels/cuda/gemm.cuh"
+#include "moa/kernels/cuda/grouped_lora.cuh"
+#include "moa/kernels/cuda/norm.cuh"
+#include "moa/kernels/cuda/softmax_xent.cuh"
+#include "moa/kernels/reference/activation.hpp"
+#include "moa/kernels/reference/attention.hpp"
+#include "moa/kernels/reference/cross_entropy.hpp"
+#include "moa/kernels/reference/embedding.hpp"
+#include "moa/kernels/reference/gemm.hpp"
+#include "moa/kernels/reference/norm.hpp"
+#include "moa/kernels/reference/softmax.hpp"
+
+namespace kc = moa::kernels::cuda;
+namespace ref = moa::kernels::reference;
+
+namespace {
+
+std::mt19937& rng() {
+  static std::mt19937 g(12345);
+  return g;
+}
+
+std::vector<float> randv(std::size_t n, float lo = -1.f, float hi = 1.f) {
+  std::uniform_real_distribution<float> d(lo, hi);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(rng());
+  return v;
+}
+
+int64_t randi(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng()); }
+
+template <class T>
+kc::DeviceBuffer<T> up(const std::vector<T>& v) {
+  kc::DeviceBuffer<T> b(std::max<std::size_t>(v.size(), 1));
+  if (!v.empty()) b.copy_from_host(v.data(), v.size());
+  return b;
+}
+
+template <class T>
+std::vector<T> down(const kc::DeviceBuffer<T>& b, std::size_t n) {
+  std::vector<T> v(n);
+  if (n) b.copy_to_host(v.data(), n);
+  return v;
+}
+
+template <class T>
+double rel_err(const std::vector<float>& got, const std::vector<T>& want) {
+  REQUIRE(got.size() == want.size());
+  double num = 0.0, den = 0.0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    num = std::max(num, std::fabs(static_cast<double>(got[i]) - static_cast<double>(want[i])));
+    den = std::max(den, std::fabs(static_cast<double>(want[i])));
+  }
+  if (!std::isfinite(num)) return INFINITY;
+  return den > 0 ? num / den : num;
+}
+
+#define CHECK_CLOSE(got, want, bound)                    \
+  do {                                                   \
+    const double e_ = rel_err(got, want);                \
+    INFO(#got " vs " #want ": relative error ", e_);     \
+    CHECK(e_ <= (bound));                                \
+  } while (0)
+
+void sync() { MOA_CUDA_CHECK(cudaDeviceSynchronize()); }
+
+}  // namespace
+
+TEST_CASE("check: failures become DeviceError with the call, the place and the code") {
+  try {
+    MOA_CUDA_CHECK(cudaErrorInvalidValue);
+    FAIL("no throw");
+  } catch (const moa::DeviceError& e) {
+    const std::string w = e.what();
+    CHECK(w.find("[moa.device_error]") == 0);
+    CHECK(w.find("cudaErrorInvalidValue") != std::string::npos);
+    CHECK(w.find("test_cuda_ops.cu:") != std::string::npos);
+    CHECK(w.find("error 1 ") != std::string::npos);
+  }
+  try {
+    MOA_CUBLAS_CHECK(CUBLAS_STATUS_INVALID_VALUE);
+    FAIL("no throw");
+  } catch (const moa::DeviceError& e) {
+    CHECK(std::string(e.what()).find("CUBLAS_STATUS_INVALID_VALUE") != std::string::npos);
+  }
+  // A bad launch (too many threads per block) is caught by MOA_CUDA_LAUNCH_CHECK.
+  kc::detail::f32_to_bf16_kernel<<<1, 4096>>>(nullptr, nullptr, 1);
+  CHECK_THROWS_AS(MOA_CUDA_LAUNCH_CHECK(), moa::DeviceError);
+}
+
+TEST_CASE("allocator: size classes, reuse without cudaMalloc after warm-up, stats, empty_cache") {
+  CHECK(kc::CachingAllocator::round_size(1) == 512);
+  CHECK(kc::CachingAllocator::round_size(513) == 1024);
+  CHECK(kc::CachingAllocator::round_size(1 << 20) == (1 << 20));
+  CHECK(kc::CachingAllocator::round_size((1 << 20) + 1) == (1 << 20) + (1 << 18));
+  CHECK(kc::CachingAllocator::round_size(3 << 20) == (3u << 20) + (0u << 20));
+  kc::CachingAllocator a;
+  const std::vector<std::size_t> step_sizes{100, 4096, 33 * 1000, 3 << 20, 7, 4096};
+  for (int step = 0; step < 5; ++step) {
+    std::vector<void*> ptrs;
+    for (std::size_t s : step_sizes) ptrs.push_back(a.allocate(s));
+    CHECK(a.stats().bytes_in_use >= std::accumulate(step_sizes.begin(), step_sizes.end(), std::size_t(0)));
+    for (void* p : ptrs) a.release(p);
+    CHECK(a.stats().bytes_in_use == 0);
+    CHECK(a.stats().malloc_count == static_cast<int64_t>(step_sizes.size()));  // only the first step mallocs
+  }
+  CHECK(a.stats().bytes_cached > 0);
+  CHECK_THROWS_AS(a.release(reinterpret_cast<void*>(0x1234)), moa::ValueError);
+  a.empty_cache();
+  CHECK(a.stats().bytes_cached == 0);
+  CHECK(a.stats().free_count == static_cast<int64_t>(step_sizes.size()));
+}
+
+TEST_CASE("gemm_f32: every transpose combination, odd sizes, alpha and beta") {
+  const std::vector<std::array<int64_t, 3>> shapes{{1, 1, 1}, {7, 33, 1}, {33, 7, 257}, {257, 33, 7}, {64, 129, 96}};
+  for (auto [M, N, K] : shapes)
+    for (int t = 0; t < 4; ++t) {
+      const bool ta = t & 1, tb = t & 2;
+      const int64_t lda = ta ? M : K, ldb = tb ? K : N;
+      std::vector<float> A = randv(M * K), B = randv(K * N), C = randv(M * N);
+      const float alpha = 0.75f, beta = t == 3 ? 0.f : 0.5f;
+      std::vector<double> Ad(A.begin(), A.end()), Bd(B.begin(), B.end()), Cd(C.begin(), C.end());
+      ref::gemm<double>(ta, tb, M, N, K, alpha, Ad.data(), lda, Bd.data(), ldb, beta, Cd.data(), N);
+      auto dA = up(A), dB = up(B), dC = up(C);
+      kc::gemm_f32(ta, tb, M, N, K, alpha, dA.data(), lda, dB.data(), ldb, beta, dC.data(), N);
+      INFO("M ", M, " N ", N, " K ", K, " ta ", ta, " tb ", tb);
+      CHECK_CLOSE(down(dC, M * N), Cd, 1e-5);
+    }
+  CHECK_THROWS_AS(kc::gemm_f32(false, false, 2, 2, 3, 1.f, nullptr, 2, nullptr, 2, 0.f, nullptr, 2), moa::ShapeError);
+}
+
+TEST_CASE("gemm_bf16_f32: bf16 inputs, float32 accumulation") {
+  const std::vector<std::array<int64_t, 3>> shapes{{1, 1, 1}, {7, 33, 257}, {257, 64, 33}, {128, 128, 128}};
+  for (auto [M, N, K] : shapes)
+    for (int t = 0; t < 4; ++t) {
+      const bool ta = t & 1, tb = t & 2;
+      const int64_t lda = ta ? M : K, ldb = tb ? K : N;
+      std::vector<float> A = randv(M * K), B = randv(K * N);
+      auto dA = up(A), dB = up(B);
+      kc::DeviceBuffer<__nv_bfloat16> hA(M * K), hB(K * N);
+      kc::f32_to_bf16(hA.data(), dA.data(), M * K);
+      kc::f32_to_bf16(hB.data(), dB.data(), K * N);
+      // The reference takes the same bf16-rounded inputs.
+      std::vector<__nv_bfloat16> rA = down(hA, M * K), rB = down(hB, K * N);
+      std::vector<double> Ad(M * K), Bd(K * N), Cd(M * N, 0.0);
+      for (int64_t i = 0; i < M * K; ++i) Ad[i] = __bfloat162float(rA[i]);
+      for (int64_t i = 0; i < K * N; ++i) Bd[i] = __bfloat162float(rB[i]);
+      ref::gemm<double>(ta, tb, M, N, K, 1.0, Ad.data(), lda, Bd.data(), ldb, 0.0, Cd.data(), N);
+      kc::DeviceBuffer<float> dC(M * N);
+      kc::gemm_bf16_f32(ta, tb, M, N, K, 1.f, hA.data(), lda, hB.data(), ldb, 0.f, dC.data(), N);
+      INFO("M ", M, " N ", N, " K ", K, " ta ", ta, " tb ", tb);
+      CHECK_CLOSE(down(dC, M * N), Cd, 1e-5);
+      // And the rounding of the inputs themselves stays within bf16's precision.
+      std::vector<double> Cf(M * N, 0.0), Af(A.begin(), A.end()), Bf(B.begin(), B.end());
+      ref::gemm<double>(ta, tb, M, N, K, 1.0, Af.data(), lda, Bf.data(), ldb, 0.0, Cf.data(), N);
+      CHECK_CLOSE(down(dC, M * N), Cf, 2e-2);
+    }
+}
+
+namespace {
+
+// The grouped LoRA product in double, assignment by assignment, from the definition.
+struct LoraCase {
+  int64_t N, In, Out, R, E;
+  bool weighted, unique;
+};
+
+void run_grouped_lora(const LoraCase& c) {
+  // Assignments: unique rows (a permutation of a subset, as MoA) or two per row (top-2, as MoE-LoRA),
+  // grouped by expert; expert 1 (when E > 2) gets no rows.
+  std::vector<std::vector<int32_t>> by_expert(c.E);
+  for (int64_t n = 0; n < c.N; ++n) {
+    const int copies = c.unique ? 1 : 2;
+    for (int k = 0; k < copies; ++k) {
+      int64_t e = randi(0, c.E - 1);
+      if (c.E > 2 && e == 1) e = 0;
+      if (c.unique && n % 5 == 4) continue;  // some rows get no expert at all
+      by_expert[e].push_back(static_cast<int32_t>(n));
+    }
+  }
+  std::vector<int32_t> rows, seg{0};
+  std::vector<int64_t> expert_of;
+  for (int64_t e = 0; e < c.E; ++e) {
+    for (int32_t r : by_expert[e]) {
+      rows.push_back(r);
+      expert_of.push_back(e);
+    }
+    seg.push_back(static_cast<int32_t>(rows.size()));
+  }
+  const int64_t M = static_cast<int64_t>(rows.size());
+  const float scale = 0.625f;
+  std::vector<float> x = randv(c.N * c.In), y0 = randv(c.N * c.Out), g = randv(c.N * c.Out),
+                     dx0 = randv(c.N * c.In), w = c.weighted ? randv(M, 0.1f, 1.f) : std::vector<float>();
+  std::vector<std::vector<float>> A(c.E), B(c.E), dA0(c.E), dB0(c.E);
+  for (int64_t e = 0; e < c.E; ++e) {
+    A[e] = randv(c.R * c.In);
+    B[e] = randv(c.Out * c.R);
+    dA0[e] = randv(c.R * c.In);
+    dB0[e] = randv(c.Out * c.R);
+  }
+  // Reference.
+  std::vector<double> y(y0.begin(), y0.end()), h(M * c.R), dx(dx0.begin(), dx0.end()), dw(M);
+  std::vector<std::vector<double>> dA(c.E), dB(c.E);
+  for (int64_t e = 0; e < c.E; ++e) {
+    dA[e].assign(dA0[e].begin(), dA0[e].end());
+    dB[e].assign(dB0[e].begin(), dB0[e].end());
+  }
+  for (int64_t j = 0; j < M; ++j) {
+    const int64_t e = expert_of[j], n = rows[j];
+    const double s = scale * (c.weighted ? w[j] : 1.0);
+    std::vector<double> hj(c.R, 0.0), bt(c.R, 0.0);
+    for (int64_t r = 0; r < c.R; ++r)
+      for (int64_t i = 0; i < c.In; ++i) hj[r] += static_cast<double>(A[e][r * c.In + i]) * x[n * c.In + i];
+    for (int64_t r = 0; r < c.R; ++r) h[j * c.R + r] = hj[r];
+    for (int64_t o = 0; o < c.Out; ++o)
+      for (int64_t r = 0; r < c.R; ++r) {
+        y[n * c.Out + o] += s * B[e][o * c.R + r] * hj[r];
+        bt[r] += static_cast<double>(B[e][o * c.R + r]) * g[n * c.Out + o];  // B^T g
+      }
+    double d = 0.0;
+    for (int64_t r = 0; r < c.R; ++r) d += hj[r] * bt[r];
+    dw[j] = scale * d;
+    for (int64_t r = 0; r < c.R; ++r) {
+      const double dh = s * bt[r];
+      for (int64_t i = 0; i < c.In; ++i) {
+        dx[n * c.In + i] += dh * A[e][r * c.In + i];
+        dA[e][r * c.In + i] += dh * x[n * c.In + i];
+      }
+      for (int64_t o = 0; o < c.Out; ++o) dB[e][o * c.R + r] += s * g[n * c.Out + o] * hj[r];
+    }
+  }
+  // Device.
+  std::vector<kc::DeviceBuffer<float>> dAe, dBe, ddA, ddB;
+  std::vector<const float*> pA, pB;
+  std::vector<float*> pdA, pdB;
+  for (int64_t e = 0; e < c.E; ++e) {
+    dAe.push_back(up(A[e]));
+    dBe.push_back(up(B[e]));
+    ddA.push_back(up(dA0[e]));
+    ddB.push_back(up(dB0[e]));
+    pA.push_back(dAe.back().data());
+    pB.push_back(dBe.back().data());
+    pdA.push_back(ddA.back().data());
+    pdB.push_back(ddB.back().data());
+  }
+  auto d_pA = up(pA), d_pB = up(pB);
+  auto d_pdA = up(pdA), d_pdB = up(pdB);
+  auto dxv = up(x), dy = up(y0), dg = up(g), ddx = up(dx0);
+  auto drows = up(rows), dseg = up(seg);
+  auto dwts = up(w);
+  kc::DeviceBuffer<float> dh(std::max<int64_t>(M * c.R, 1)), ddh(std::max<int64_t>(M * c.R, 1)),
+      ddw(std::max<int64_t>(M, 1));
+  const kc::GroupedLoRAShape s{.N = c.N, .M = M, .E = c.E, .In = c.In, .Out = c.Out, .R = c.R};
+  const float* wptr = c.weighted ? dwts.data() : nullptr;
+  kc::grouped_lora_forward(dy.data(), dh.data(), dxv.data(), d_pA.data(), d_pB.data(), drows.data(), dseg.data(), wptr,
+                           scale, s, c.unique);
+  kc::grouped_lora_backward(ddx.data(), d_pdA.data(), d_pdB.data(), ddw.data(), ddh.data(), dg.data(), dxv.data(),
+                            dh.data(), d_pA.data(), d_pB.data(), drows.data(), dseg.data(), wptr, scale, s, c.unique);
+  sync();
+  INFO("N ", c.N, " In ", c.In, " Out ", c.Out, " R ", c.R, " E ", c.E, " M ", M, " weighted ", c.weighted, " unique ",
+       c.unique);
+  CHECK_CLOSE(down(dy, c.N * c.Out), y, 1e-5);
+  CHECK_CLOSE(down(dh, M * c.R), h, 1e-5);
+  CHECK_CLOSE(down(ddx, c.N * c.In), dx, 1e-5);
+  if (c.weighted) CHECK_CLOSE(down(ddw, M), dw, 1e-5);
+  for (int64_t e = 0; e < c.E; ++e) {
+    CHECK_CLOSE(down(ddA[e], c.R * c.In), dA[e], 1e-5);
+    CHECK_CLOSE(down(ddB[e], c.Out * c.R), dB[e], 1e-5);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("grouped_lora: one launch per stage for all experts equals the per-assignment definition") {
+  const std::vector<LoraCase> cases{
+      {1, 1, 1, 1, 1, false, true},      {7, 33, 7, 7, 3, false, true},    {33, 257, 65, 16, 4, true, true},
+      {257, 64, 33, 8, 4, false, false}, {100, 96, 130, 33, 2, true, false}, {64, 48, 40, 64, 5, true, true},
+      {513, 768, 768, 16, 4, false, true}};
+  for (const LoraCase& c : cases) run_grouped_lora(c);
+  CHECK_THROWS_AS(kc::grouped_lora_forward(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1.f,
+                                           kc::GroupedLoRAShape{.N = 1, .M = 1, .E = 1, .In = 1, .Out = 1, .R = 65}),
+                  moa::ShapeError);
+}
+
+TEST_CASE("softmax and log-softmax: forward and backward") {
+  const std::vector<std::array<int64_t, 2>> shapes{{1, 1}, {7, 33}, {3, 257}, {33, 1000}, {2, 50257}};
+  for (auto [N, C] : shapes) {
+    std::vector<float> x = randv(N * C, -4.f, 4.f), g = randv(N * C), y(N * C), dx(N * C);
+    auto dxv = up(x), dg = up(g);
+    kc::DeviceBuffer<float> dy(N * C), ddx(N * C);
+    INFO("N ", N, " C ", C);
+    ref::softmax_forward<float>(y.data(), x.data(), N, C);
+    kc::softmax_forward(dy.data(), dxv.data(), N, C);
+    CHECK_CLOSE(down(dy, N * C), y, 1e-5);
+    ref::softmax_backward<float>(dx.data(), g.data(), y.data(), N, C);
+    kc::softmax_backward(ddx.data(), dg.data(), dy.data(), N, C);
+    CHECK_CLOSE(down(ddx, N * C), dx, 1e-5);
+    ref::log_softmax_forward<float>(y.data(), x.data(), N, C);
+    kc::log_softmax_forward(dy.data(), dxv.data(), N, C);
+    CHECK_CLOSE(down(dy, N * C), y, 1e-5);
+    ref::log_softmax_backward<float>(dx.data(), g.data(), y.data(), N, C);
+    kc::log_softmax_backward(ddx.data(), dg.data(), dy.data(), N, C);
+    CHECK_CLOSE(down(ddx, N * C), dx, 1e-5);
+  }
+}
+
+TEST_CASE("cross_entropy: forward (mean over kept rows) and backward, ignore_index -100") {
+  const std::vector<std::array<int64_t, 2>> shapes{{1, 1}, {7, 33}, {33, 257}, {5, 50257}, {4, 7}};
+  for (std::size_t k = 0; k < shapes.size(); ++k) {
+    const auto [N, V] = shapes[k];
+    std::vector<float> x = randv(N * V, -6.f, 6.f), lse(N), dl(N * V);
+    std::vector<int32_t> t(N);
+    for (int64_t n = 0; n < N; ++n) t[n] = n % 3 == 1 ? -100 : static_cast<int32_t>(randi(0, V - 1));
+    if (k == shapes.size() - 1) std::fill(t.begin(), t.end(), -100);  // every row ignored: loss 0, grads 0
+    INFO("N ", N, " V ", V);
+    const float loss = ref::cross_entropy_forward<float>(lse.data(), x.data(), t.data(), N, V, -100);
+    auto dxv = up(x), dloss = up(std::vector<float>{1.5f});
+    auto dt = up(t);
+    kc::DeviceBuffer<float> dlse(N), dL(1), ddl(N * V), scratch(1);
+    kc::cross_entropy_forward(dL.data(), dlse.data(), dxv.data(), dt.data(), N, V);
+    CHECK_CLOSE(down(dL, 1), std::vector<float>{loss}, 1e-5);
+    CHECK_CLOSE(down(dlse, N), lse, 1e-5);
+    ref::cross_entropy_backward<float>(dl.data(), 1.5f, x.data(), lse.data(), t.data(), N, V, -100);
+    kc::cross_entropy_backward(ddl.data(), dloss.data(), dxv.data(), dlse.data(), dt.data(), N, V, scratch.data());
+    CHECK_CLOSE(down(ddl, N * V), dl, 1e-5);
+  }
+}
+
+TEST_CASE("layer_norm and rms_norm: forward, backward, weight gradients accumulate") {
+  const std::vector<std::array<int64_t, 2>> shapes{{1, 1}, {7, 33}, {257, 7}, {33, 768}, {5, 4097}};
+  for (auto [N, C] : shapes)
+    for (int with_bias = 0; with_bias < 2; ++with_bias) {
+      INFO("N ", N, " C ", C, " bias ", with_bias);
+      std::vector<float> x = randv(N * C, -2.f, 3.f), wt = randv(C, 0.5f, 1.5f), b = randv(C), g = randv(N * C);
+      std::vector<float> y(N * C), mean(N), rstd(N), dx(N * C), dw = randv(C), db = randv(C);
+      auto dxv = up(x), dwt = up(wt), dbias = up(b), dg = up(g), ddw = up(dw), ddb = up(db);
+      kc::DeviceBuffer<float> dy(N * C), dmean(N), drstd(N), ddx(N * C);
+      ref::layer_norm_forward<float>(y.data(), mean.data(), rstd.data(), x.data(), wt.data(),
+                                     with_bias ? b.data() : nullptr, N, C, 1e-5f);
+      kc::layer_norm_forward(dy.data(), dmean.data(), drstd.data(), dxv.data(), dwt.data(),
+                             with_bias ? dbias.data() : nullptr, N, C, 1e-5f);
+      CHECK_CLOSE(down(dy, N * C), y, 1e-5);
+      CHECK_CLOSE(down(dmean, N), mean, 1e-5);
+      CHECK_CLOSE(down(drstd, N), rstd, 1e-5);
+      ref::layer_norm_backward<float>(dx.data(), dw.data(), with_bias ? db.data() : nullptr, g.data(), x.data(),
+                                      wt.data(), mean.data(), rstd.data(), N, C);
+      kc::layer_norm_backward(ddx.data(), ddw.data(), with_bias ? ddb.data() : nullptr, dg.data(), dxv.data(),
+                              dwt.data(), dmean.data(), drstd.data(), N, C);
+      CHECK_CLOSE(down(ddx, N * C), dx, 1e-5);
+      CHECK_CLOSE(down(ddw, C), dw, 1e-5);
+      CHECK_CLOSE(down(ddb, C), db, 1e-5);
+
+      ref::rms_norm_forward<float>(y.data(), rstd.data(), x.data(), wt.data(), N, C, 1e-6f);
+      kc::rms_norm_forward(dy.data(), drstd.data(), dxv.data(), dwt.data(), N, C, 1e-6f);
+      CHECK_CLOSE(down(dy, N * C), y, 1e-5);
+      CHECK_CLOSE(down(drstd, N), rstd, 1e-5);
+      ref::rms_norm_backward<float>(dx.data(), with_bias ? dw.data() : nullptr, g.data(), x.data(), wt.data(),
+                                    rstd.data(), N, C);
+      kc::rms_norm_backward(ddx.data(), with_bias ? ddw.data() : nullptr, dg.data(), dxv.data(), dwt.data(),
+                            drstd.data(), N, C);
+      CHECK_CLOSE(down(ddx, N * C), dx, 1e-5);
+      CHECK_CLOSE(down(ddw, C), dw, 1e-5);
+    }
+}
+
+TEST_CASE("activations: GELU (tanh) and SiLU, forward and backward") {
+  for (int64_t n : {1, 7, 33, 257, 100003}) {
+    std::vector<float> x = randv(n, -6.f, 6.f), g = randv(n);
+    auto dxv = up(x), dg = up(g);
+    kc::DeviceBuffer<float> dy(n), ddx(n);
+    for (kc::Activation a : {kc::Activation::gelu, kc::Activation::silu}) {
+      INFO("n ", n, " act ", static_cast<int>(a));
+      std::vector<double> y(n), dx(n);
+      for (int64_t i = 0; i < n; ++i) {
+        const double xi = x[i];
+        y[i] = a == kc::Activation::gelu ? ref::gelu(xi) : ref::silu(xi);
+        dx[i] = g[i] * (a == kc::Activation::gelu ? ref::gelu_grad(xi) : ref::silu_grad(xi));
+      }
+      kc::activation_forward(a, dy.data(), dxv.data(), n);
+      kc::activation_backward(a, ddx.data(), dg.data(), dxv.data(), n);
+      CHECK_CLOSE(down(dy, n), y, 1e-6);
+      CHECK_CLOSE(down(ddx, n), dx, 2e-6);
+    }
+  }
+}
+
+TEST_CASE("embedding: gather forward, scatter-add backward with repeated ids") {
+  for (auto [N, V, C] : std::vector<std::array<int64_t, 3>>{{1, 1, 1}, {7, 3, 33}, {257, 50, 768}, {33, 1000, 7}}) {
+    INFO("N ", N, " V ", V, " C ", C);
+    std::vector<int32_t> ids(N);
+    for (auto& i : ids) i = static_cast<int32_t>(randi(0, V - 1));
+    std::vector<float> w = randv(V * C), g = randv(N * C), out(N * C), dw = randv(V * C);
+    auto dids = up(ids);
+    auto dwt = up(w), dg = up(g), ddw = up(dw);
+    kc::DeviceBuffer<float> dout(N * C);
+    ref::embedding_forward<float>(out.data(), ids.data(), w.data(), N, C);
+    kc::embedding_forward(dout.data(), dids.data(), dwt.data(), N, C);
+    CHECK(down(dout, N * C) == out);  // a copy: exact
+    std::vector<double> dwd(dw.begin(), dw.end());
+    std::vector<double> gd(g.begin(), g.end());
+    ref::embedding_backward<double>(dwd.data(), gd.data(), ids.data(), N, C);
+    kc::embedding_backward(ddw.data(), dg.data(), dids.data(), N, C);
+    CHECK_CLOSE(down(ddw, V * C), dwd, 1e-5);
+  }
+}
+
+TEST_CASE("adamw: bit-identical to the float32 update of moa::optim::AdamW; grad norm and clipping") {
+  const double lr = 3e-4, b1 = 0.9, b2 = 0.95, eps = 1e-8, wd = 0.1;
+  for (int64_t n : {1, 7, 257, 65537}) {
+    std::vector<float> w = randv(n), m(n, 0.f), v(n, 0.f);
+    auto dw = up(w), dm = up(m), dv = up(v);
+    for (int64_t step = 1; step <= 3; ++step) {
+      std::vector<float> g = randv(n);
+      auto dg = up(g);
+      const kc::AdamWScalars s = kc::AdamWScalars::make(lr, b1, b2, eps, wd, step);
+      // The loop of moa::optim::AdamW::step with T = float, the same scalars.
+      {
+        const double bc1 = 1.0 - std::pow(b1, static_cast<double>(step));
+        const double bc2 = 1.0 - std::pow(b2, static_cast<double>(step));
+        const float fb1 = static_cast<float>(b1), fb2 = static_cast<float>(b2);
+        const float decay = static_cast<float>(1.0 - lr * wd), step_size = static_cast<float>(lr / bc1);
+        const float inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(bc2)), feps = static_cast<float>(eps);
+        CHECK(decay == s.decay);
+        CHECK(step_size == s.step_size);
+        CHECK(inv_sqrt_bc2 == s.inv_sqrt_bc2);
+        for (int64_t k = 0; k < n; ++k) {
+          w[k] *= decay;
+          m[k] = fb1 * m[k] + (1.f - fb1) * g[k];
+          v[k] = fb2 * v[k] + (1.f - fb2) * g[k] * g[k];
+          w[k] -= step_size * m[k] / (std::sqrt(v[k]) * inv_sqrt_bc2 + feps);
+        }
+      }
+      kc::adamw_step(dw.data(), dm.data(), dv.data(), dg.data(), n, s);
+      INFO("n ", n, " step ", step);
+      const std::vector<float> gw = down(dw, n), gm = down(dm, n), gv = down(dv, n);
+      CHECK(std::memcmp(gw.data(), w.data(), n * sizeof(float)) == 0);
+      CHECK(std::memcmp(gm.data(), m.data(), n * sizeof(float)) == 0);
+      CHECK(std::memcmp(gv.data(), v.data(), n * sizeof(float)) == 0);
+    }
+  }
+  // Global norm over several buffers, then clipping (moa::optim::clip_grad_norm's rule).
+  std::vector<std::vector<float>> grads{randv(1), randv(33), randv(70001, -3.f, 3.f)};
+  std::vector<kc::DeviceBuffer<float>> dgrads;
+  double total = 0.0;
+  for (const auto& g : grads) {
+    dgrads.push_back(up(g));
+    for (float x : g) total += static_cast<double>(x) * x;
+  }
+  kc::DeviceBuffer<double> acc(1);
+  for (double max_norm : {1e9, 1.0}) {
+    MOA_CUDA_CHECK(cudaMemset(acc.data(), 0, sizeof(double)));
+    for (std::size_t i = 0; i < grads.size(); ++i)
+      kc::grad_norm_sq_accumulate(acc.data(), dgrads[i].data(), static_cast<int64_t>(grads[i].size()));
+    const double got = std::sqrt(down(acc, 1)[0]), norm = std::sqrt(total);
+    CHECK(std::fabs(got - norm) <= 1e-12 * norm);
+    for (std::size_t i = 0; i < grads.size(); ++i)
+      kc::clip_grad_scale(dgrads[i].data(), static_cast<int64_t>(grads[i].size()), acc.data(), max_norm);
+    const double coef = max_norm / (norm + 1e-6);
+    for (std::size_t i = 0; i < grads.size(); ++i) {
+      std::vector<double> want(grads[i].begin(), grads[i].end());
+      if (coef < 1.0)
+        for (std::size_t k = 0; k < want.size(); ++k) {
+          grads[i][k] *= static_cast<float>(coef);
+          want[k] = grads[i][k];
+        }
+      CHECK_CLOSE(down(dgrads[i], grads[i].size()), want, 1e-6);
+    }
+    total = 0.0;
+    for (const auto& g : grads)
+      for (float x : g) total += static_cast<double>(x) * x;
+  }
+}
+
+TEST_CASE("attention: causal forward and backward, multi-head, grouped-query, a KV cache, odd sizes") {
+  const std::vector<kc::AttentionShape> shapes{
+      {1, 1, 1, 1, 1, 1},   {2, 4, 2, 7, 7, 33},  {1, 2, 1, 5, 9, 64},  {1, 3, 3, 33, 33, 128},
+      {1, 2, 2, 257, 257, 64}, {1, 1, 1, 7, 7, 256}, {2, 6, 2, 1, 17, 96}};
+  for (const kc::AttentionShape& s : shapes) {
+    INFO("B ", s.B, " Hq ", s.Hq, " Hkv ", s.Hkv, " Tq ", s.Tq, " Tk ", s.Tk, " D ", s.D);
+    const int64_t nq = s.B * s.Hq * s.Tq * s.D, nk = s.B * s.Hkv * s.Tk * s.D, nl = s.B * s.Hq * s.Tq;
+    const float scale = 1.f / std::sqrt(static_cast<float>(s.D));
+    std::vector<float> q = randv(nq, -2.f, 2.f), k = randv(nk, -2.f, 2.f), v = randv(nk), g = randv(nq);
+    std::vector<float> out(nq), lse(nl), dq(nq), dk(nk), dv(nk);
+    ref::attention_forward<float>(out.data(), lse.data(), q.data(), k.data(), v.data(), s.B, s.Hq, s.Hkv, s.Tq, s.Tk,
+                                  s.D, scale);
+    ref::attention_backward<float>(dq.data(), dk.data(), dv.data(), g.data(), q.data(), k.data(), v.data(), out.data(),
+                                   lse.data(), s.B, s.Hq, s.Hkv, s.Tq, s.Tk, s.D, scale);
+    auto dqv = up(q), dkv = up(k), dvv = up(v), dg = up(g);
+    kc::DeviceBuffer<float> dout(nq), dlse(nl), ddq(nq), ddk(nk), ddv(nk), delta(nl);
+    kc::attention_forward(dout.data(), dlse.data(), dqv.data(), dkv.data(), dvv.data(), s, scale);
+    kc::attention_backward(ddq.data(), ddk.data(), ddv.data(), delta.data(), dg.data(), dqv.data(), dkv.data(),
+                           dvv.data(), dout.data(), dlse.data(), s, scale);
+    CHECK_CLOSE(down(dout, nq), out, 2e-5);
+    CHECK_CLOSE(down(dlse, nl), lse, 1e-5);
+    CHECK_CLOSE(down(ddq, nq), dq, 2e-5);
+    CHECK_CLOSE(down(ddk, nk), dk, 2e-5);
+    CHECK_CLOSE(down(ddv, nk), dv, 2e-5);
+  }
+}
+
+int main(int argc, char** argv) {
+  int devices = 0;
+  const cudaError_t e = cudaGetDeviceCount(&devices);
+  if (e != cudaSuccess || devices == 0) {
+    std::printf("moa_cuda_tests: no CUDA device (%s); skipped\n",
+                e != cudaSuccess ? cudaGetErrorString(e) : "device count 0");
+    return 77;  // CTest SKIP_RETURN_CODE
+  }
+  doctest::Context ctx(argc, argv);
+  return ctx.run();
+}
