@@ -15,24 +15,33 @@ namespace {
 
 moa::nn::TransformerConfig gpt2_124m() { return moa::nn::TransformerConfig::gpt2(); }
 
-void BM_gpt2_train_step(benchmark::State& state) {
-  moa::set_num_threads(static_cast<int>(state.range(0)));
-  moa::nn::TransformerLM model(gpt2_124m(), 1);
-  moa::optim::AdamW opt(model.trainable_parameters(), {.lr = 1e-4});
+std::pair<moa::Tensor, moa::Tensor> random_batch(int64_t B, int64_t T) {
   moa::Generator g(2);
-  const int64_t B = 4, T = 64;
-  std::vector<int32_t> ids(B * T), tg(B * T);
+  std::vector<int32_t> ids(static_cast<std::size_t>(B * T)), tg(ids.size());
   for (auto& v : ids) v = static_cast<int32_t>(g.next_below(50257));
   for (auto& v : tg) v = static_cast<int32_t>(g.next_below(50257));
-  const moa::Tensor x = moa::Tensor::from_vector(ids, {B, T}), y = moa::Tensor::from_vector(tg, {B, T});
+  return {moa::Tensor::from_vector(ids, {B, T}), moa::Tensor::from_vector(tg, {B, T})};
+}
+
+// Times training steps: loss_of() builds the loss, then backward and the optimizer step.
+template <class LossOf>
+void time_steps(benchmark::State& state, moa::optim::AdamW& opt, LossOf&& loss_of) {
   for (auto _ : state) {
-    moa::Tensor loss = model.loss(x, y);
+    moa::Tensor loss = loss_of();
     opt.zero_grad();
     loss.backward();
     opt.step();
     benchmark::DoNotOptimize(loss.item<float>());
   }
-  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(B * T), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens/s"] = benchmark::Counter(256.0, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_gpt2_train_step(benchmark::State& state) {
+  moa::set_num_threads(static_cast<int>(state.range(0)));
+  moa::nn::TransformerLM model(gpt2_124m(), 1);
+  moa::optim::AdamW opt(model.trainable_parameters(), {.lr = 1e-4});
+  const auto [x, y] = random_batch(4, 64);
+  time_steps(state, opt, [&] { return model.loss(x, y); });
 }
 BENCHMARK(BM_gpt2_train_step)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(5.0);
 
@@ -48,28 +57,13 @@ void BM_gpt2_decode(benchmark::State& state) {
 }
 BENCHMARK(BM_gpt2_decode)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
 
-std::pair<moa::Tensor, moa::Tensor> random_batch(int64_t B, int64_t T) {
-  moa::Generator g(2);
-  std::vector<int32_t> ids(static_cast<std::size_t>(B * T)), tg(ids.size());
-  for (auto& v : ids) v = static_cast<int32_t>(g.next_below(50257));
-  for (auto& v : tg) v = static_cast<int32_t>(g.next_below(50257));
-  return {moa::Tensor::from_vector(ids, {B, T}), moa::Tensor::from_vector(tg, {B, T})};
-}
-
 void BM_gpt2_lora_step(benchmark::State& state) {
   moa::set_num_threads(static_cast<int>(state.range(0)));
   moa::nn::TransformerLM model(gpt2_124m(), 1);
   moa::lora::attach_lora(model, "r16", {.rank = 16, .alpha = 32, .target_modules = "all-linear"}, 3);
   moa::optim::AdamW opt(model.trainable_parameters(), {.lr = 1e-4});
   const auto [x, y] = random_batch(4, 64);
-  for (auto _ : state) {
-    moa::Tensor loss = model.loss(x, y);
-    opt.zero_grad();
-    loss.backward();
-    opt.step();
-    benchmark::DoNotOptimize(loss.item<float>());
-  }
-  state.counters["tokens/s"] = benchmark::Counter(256.0, benchmark::Counter::kIsIterationInvariantRate);
+  time_steps(state, opt, [&] { return model.loss(x, y); });
 }
 BENCHMARK(BM_gpt2_lora_step)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(5.0);
 
@@ -81,14 +75,7 @@ void BM_gpt2_moa_step(benchmark::State& state) {
   moa::optim::AdamW opt(moa_model.trainable_parameters(), {.lr = 1e-4});
   const auto [x, y] = random_batch(4, 64);
   moa::mixture::MoABatch b{x, y, moa::Tensor::ones({4, 64}), {0, 1, 2, 3}};
-  for (auto _ : state) {
-    moa::Tensor loss = moa_model.loss(b)[0];
-    opt.zero_grad();
-    loss.backward();
-    opt.step();
-    benchmark::DoNotOptimize(loss.item<float>());
-  }
-  state.counters["tokens/s"] = benchmark::Counter(256.0, benchmark::Counter::kIsIterationInvariantRate);
+  time_steps(state, opt, [&] { return moa_model.loss(b)[0]; });
 }
 BENCHMARK(BM_gpt2_moa_step)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(5.0);
 

@@ -493,18 +493,6 @@ inline PreparedDomain make_domain(const std::string& domain, std::vector<RawReco
 
 // ---- the output directory, replaced in one step ------------------------------------------------
 
-// Atomically exchanges two paths (Linux renameat2 RENAME_EXCHANGE); false where that is unavailable.
-inline bool exchange_dirs(const fs::path& a, const fs::path& b) {
-#if defined(SYS_renameat2)
-  constexpr unsigned kRenameExchange = 1u << 1;
-  return ::syscall(SYS_renameat2, AT_FDCWD, a.c_str(), AT_FDCWD, b.c_str(), kRenameExchange) == 0;
-#else
-  (void)a;
-  (void)b;
-  return false;
-#endif
-}
-
 // Only an empty directory or an earlier output (domain folders of .jsonl files) may be replaced:
 // a wrong --out must never delete someone's files.
 inline void check_replaceable(const fs::path& out_dir) {
@@ -596,7 +584,7 @@ inline std::vector<DomainCounts> prepare_four_domain(const std::filesystem::path
     moa::io::detail::fault_point("prepare.before_swap");
     if (!fs::exists(out_dir, ec)) {
       detail::rename_or_throw(tmp, out_dir);
-    } else if (detail::exchange_dirs(tmp, out_dir)) {
+    } else if (moa::io::detail::rename_exchange(tmp, out_dir)) {
       fs::remove_all(tmp, ec);  // the old output
     } else {
       const fs::path old = moa::io::detail::temp_sibling(out_dir);

@@ -93,15 +93,7 @@ inline bool& checkpoint_without_exchange() {
 
 // Atomically exchanges two paths; false where the kernel or filesystem cannot.
 inline bool exchange_paths(const std::filesystem::path& a, const std::filesystem::path& b) {
-  if (checkpoint_without_exchange()) return false;
-#if defined(SYS_renameat2)
-  constexpr unsigned kRenameExchange = 1u << 1;  // RENAME_EXCHANGE
-  return ::syscall(SYS_renameat2, AT_FDCWD, a.c_str(), AT_FDCWD, b.c_str(), kRenameExchange) == 0;
-#else
-  (void)a;
-  (void)b;
-  return false;
-#endif
+  return !checkpoint_without_exchange() && rename_exchange(a, b);
 }
 
 inline void rename_or_throw(const std::filesystem::path& from, const std::filesystem::path& to) {

@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -25,6 +26,19 @@
 namespace moa::io {
 
 namespace detail {
+
+// Atomically exchanges two paths (Linux renameat2 with RENAME_EXCHANGE); false where the kernel or
+// the filesystem cannot (callers fall back to two renames).
+inline bool rename_exchange(const std::filesystem::path& a, const std::filesystem::path& b) {
+#if defined(SYS_renameat2)
+  constexpr unsigned kRenameExchange = 1u << 1;  // RENAME_EXCHANGE
+  return ::syscall(SYS_renameat2, AT_FDCWD, a.c_str(), AT_FDCWD, b.c_str(), kRenameExchange) == 0;
+#else
+  (void)a;
+  (void)b;
+  return false;
+#endif
+}
 
 using moa::detail::cat;
 

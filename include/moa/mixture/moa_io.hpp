@@ -62,6 +62,16 @@ inline MoAConfig moa_config_from_json(const nlohmann::json& j, const std::string
 
 namespace detail {
 
+inline nlohmann::json read_json(const std::filesystem::path& path, const char* op) {
+  std::ifstream in(path);
+  MOA_CHECK(in.good(), IOError, op, ": cannot open ", path.string());
+  try {
+    return nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw IOError(::moa::detail::cat(path.string(), ": malformed JSON: ", e.what()));
+  }
+}
+
 // Copies expert e's A and B of every adapted linear from a PEFT adapter_model.safetensors.
 inline void copy_expert(MoAModel& m, std::size_t e, const std::filesystem::path& file, const char* op) {
   const nn::HfFamily family = lora::hf_family_of(m.base().config());
@@ -142,14 +152,7 @@ inline void save_moa(const MoAModel& m, const std::filesystem::path& dir, const 
 // Loads a saved MoA onto `base` (the model its moa_config.json's "base" names).
 inline std::shared_ptr<MoAModel> load_moa(std::shared_ptr<nn::TransformerLM> base, const std::filesystem::path& dir) {
   const auto cfg_path = dir / "moa_config.json";
-  std::ifstream in(cfg_path);
-  MOA_CHECK(in.good(), IOError, "load_moa: cannot open ", cfg_path.string());
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw IOError(::moa::detail::cat(cfg_path.string(), ": malformed JSON: ", e.what()));
-  }
+  const nlohmann::json j = detail::read_json(cfg_path, "load_moa");
   auto m = std::make_shared<MoAModel>(base, moa_config_from_json(j, cfg_path.string()));
   NoGradGuard no_grad;
   const io::TensorMap routers = io::load_safetensors(dir / "routers.safetensors").tensors;
@@ -171,14 +174,7 @@ inline std::shared_ptr<MoAModel> load_moa(std::shared_ptr<nn::TransformerLM> bas
 inline void load_expert_peft(MoAModel& m, const std::string& domain, const std::filesystem::path& dir) {
   const int32_t e = m.domain_index(domain);
   const auto cfg_path = dir / "adapter_config.json";
-  std::ifstream in(cfg_path);
-  MOA_CHECK(in.good(), IOError, "load_expert_peft: cannot open ", cfg_path.string());
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& ex) {
-    throw IOError(::moa::detail::cat(cfg_path.string(), ": malformed JSON: ", ex.what()));
-  }
+  const nlohmann::json j = detail::read_json(cfg_path, "load_expert_peft");
   const lora::LoRAConfig lc = lora::lora_config_from_peft(j, cfg_path.string());
   MOA_CHECK(lc.rank == m.config().rank, ShapeError, "load_expert_peft: ", dir.string(), " has rank ", lc.rank,
             ", the MoA's experts have rank ", m.config().rank);
