@@ -82,19 +82,23 @@ struct Preset {
   int64_t ckpt_every = 50;
 };
 
+// A Llama-style base (RMSNorm, RoPE, SwiGLU, tied embeddings) of the given size; run() sets its
+// vocabulary and context from the tokenizer and the preset.
+inline nn::TransformerConfig small_llama(int64_t dim, int64_t layers, int64_t heads, int64_t hidden) {
+  nn::TransformerConfig c = nn::TransformerConfig::llama();
+  c.dim = dim;
+  c.n_layers = layers;
+  c.n_heads = heads;
+  c.n_kv_heads = heads;
+  c.hidden_dim = hidden;
+  c.tie_embeddings = true;
+  return c;
+}
+
 inline Preset quick_preset() {
   Preset p;
   p.name = "quick";
-  nn::TransformerConfig c = nn::TransformerConfig::llama();
-  c.vocab_size = p.vocab_size;
-  c.max_seq_len = p.seq_len;
-  c.dim = 192;
-  c.n_layers = 4;
-  c.n_heads = 6;
-  c.n_kv_heads = 6;
-  c.hidden_dim = 512;
-  c.tie_embeddings = true;
-  p.model = c;
+  p.model = small_llama(192, 4, 6, 512);
   p.base_steps = 720;     // ~1.1M tokens, about 4 minutes on 2 cores
   p.s1_steps = 50;
   p.s2_steps = 100;       // every system: 4 x 50 + 100 = 300 LoRA steps of 8 sequences
@@ -107,16 +111,7 @@ inline Preset full_preset() {
   p.vocab_size = 8192;
   p.bpe_examples_per_domain = 5000;
   p.seq_len = 512;
-  nn::TransformerConfig c = nn::TransformerConfig::llama();
-  c.vocab_size = p.vocab_size;
-  c.max_seq_len = p.seq_len;
-  c.dim = 512;
-  c.n_layers = 8;
-  c.n_heads = 8;
-  c.n_kv_heads = 8;
-  c.hidden_dim = 1408;
-  c.tie_embeddings = true;
-  p.model = c;
+  p.model = small_llama(512, 8, 8, 1408);
   p.base_steps = 6000;
   p.base_batch = 16;
   p.batch = 16;
@@ -136,15 +131,7 @@ inline Preset tiny_preset() {
   p.vocab_size = 400;
   p.bpe_examples_per_domain = 40;
   p.seq_len = 48;
-  nn::TransformerConfig c = nn::TransformerConfig::llama();
-  c.vocab_size = p.vocab_size;
-  c.max_seq_len = p.seq_len;
-  c.dim = 32;
-  c.n_layers = 2;
-  c.n_heads = 2;
-  c.hidden_dim = 64;
-  c.tie_embeddings = true;
-  p.model = c;
+  p.model = small_llama(32, 2, 2, 64);
   p.base_steps = 6;
   p.base_batch = 4;
   p.batch = 4;
