@@ -162,6 +162,7 @@ struct Options {
   bool quiet = false;
   std::optional<int64_t> s1_steps, s2_steps, base_steps, eval_ppl, eval_gen;  // preset overrides
   std::string stop_after;      // "<phase>:<step>": checkpoint there and throw Interrupted (tests)
+  Device device = Device::cpu();  // where the base, the experts and the routers train and run
 };
 
 // Thrown where Options::stop_after asks: the run stops as if killed, its checkpoints in place.
@@ -601,6 +602,7 @@ inline nlohmann::json run(const Options& o) {
   if (!o.model.empty()) {
     nn::LoadedModel lm = nn::load_model(o.model);
     base = lm.model;
+    base->to(o.device);
     tok = load_tokenizer(lm.tokenizer_hint);
     seq_len = std::min(seq_len, base->config().max_seq_len - 1);
     base_ref = o.model.string();
@@ -651,6 +653,7 @@ inline nlohmann::json run(const Options& o) {
     c.vocab_size = tok->vocab_size();
     c.max_seq_len = seq_len + 1;
     base = std::make_shared<nn::TransformerLM>(c, o.seed);
+    base->to(o.device);
     std::vector<int32_t> stream;
     for (const auto& dv : train_enc)
       for (const auto& e : dv) stream.insert(stream.end(), e.tokens.begin(), e.tokens.end());

@@ -67,6 +67,9 @@ std::vector<std::string> read_documents(const fs::path& path) {
   return docs;
 }
 
+// --device: where models train and run (cpu, cuda, cuda:N).
+moa::Device g_device = moa::Device::cpu();
+
 std::unique_ptr<moa::Tokenizer> open_tokenizer(const std::string& flag, const fs::path& hint) {
   const fs::path p = flag.empty() ? hint : fs::path(flag);
   MOA_CHECK(!p.empty(), moa::ValueError, "no tokenizer: pass --tokenizer");
@@ -76,6 +79,7 @@ std::unique_ptr<moa::Tokenizer> open_tokenizer(const std::string& flag, const fs
 int cmd_generate(const std::string& model_path, const std::string& tok_path, const std::vector<std::string>& prompts,
                  const moa::eval::GenerateOptions& opt, const std::string& bos_mode, bool show_ids) {
   moa::nn::LoadedModel lm = moa::nn::load_model(model_path);
+  lm.model->to(g_device);
   const auto tok = open_tokenizer(tok_path, lm.tokenizer_hint);
   MOA_CHECK(tok->vocab_size() <= lm.model->config().vocab_size, moa::ValueError, "the tokenizer has ", tok->vocab_size(),
             " tokens, the model only ", lm.model->config().vocab_size);
@@ -212,6 +216,7 @@ int cmd_train_lm(const TrainArgs& a) {
                                  .checkpoint_dir = ck_dir,
                                  .log_path = out / "train_log.jsonl",
                                  .seed = a.seed};
+  model->to(g_device);
   const auto res = moa::train::train_lm(*model, train_src, valid, opt, meta);
   std::fprintf(stderr, "done: final loss %.4f%s; checkpoint in %s\n", res.history.empty() ? 0.0 : res.history.back().loss,
                res.final_val_loss ? (", validation loss " + std::to_string(*res.final_val_loss)).c_str() : "",
@@ -238,6 +243,7 @@ int cmd_route(const fs::path& moa_dir, const std::string& base_flag, const std::
   const std::string base_path = !base_flag.empty() ? base_flag : cfg.value("base", "");
   MOA_CHECK(!base_path.empty(), moa::ValueError, "route: the MoA names no base model; pass --base");
   moa::nn::LoadedModel lm = moa::nn::load_model(base_path);
+  lm.model->to(g_device);
   const auto tok = open_tokenizer(tok_flag, lm.tokenizer_hint);
   auto m = moa::mixture::load_moa(lm.model, moa_dir);
   const auto exs = moa::data::read_prompts(data_file);
@@ -286,6 +292,11 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   int threads = 0;
   app.add_option("--threads", threads, "CPU threads (default: OpenMP's choice)");
+  std::string device = "cpu", precision = "highest";
+  app.add_option("--device", device, "where models train and run: cpu, cuda or cuda:N (cuda needs a moa built with "
+                 "-DMOA_CUDA=ON and a GPU)")->capture_default_str();
+  app.add_option("--matmul-precision", precision, "float32 products on a GPU: highest, tf32 or bf16 (tensor cores, "
+                 "f32 accumulation)")->check(CLI::IsMember({"highest", "tf32", "bf16"}))->capture_default_str();
 
   auto* gen = app.add_subcommand("generate", "continue prompts with a model");
   std::string model_path, tok_path, bos_mode = "auto";
@@ -379,6 +390,11 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   if (threads > 0) moa::set_num_threads(threads);
   try {
+    g_device = moa::parse_device(device);
+    if (g_device.type != moa::DeviceType::cpu) (void)moa::backend(g_device);  // fail early with the reason
+    moa::set_matmul_precision(precision == "bf16"   ? moa::MatmulPrecision::bf16
+                              : precision == "tf32" ? moa::MatmulPrecision::tf32
+                                                    : moa::MatmulPrecision::highest);
     if (*gen) {
       gopt.stop_tokens = stops;
       if (prompts.empty()) prompts.push_back("");
@@ -390,6 +406,7 @@ int main(int argc, char** argv) {
       fo.data_dir = four_domain_data(fd_data);
       fo.out_dir = fd_out;
       fo.model = fd_model;
+      fo.device = g_device;
       if (s1 > 0) fo.s1_steps = s1;
       if (s2 >= 0) fo.s2_steps = s2;
       if (bsteps > 0) fo.base_steps = bsteps;

@@ -19,6 +19,12 @@ namespace detail {
 
 // acc += g elementwise (both contiguous, same shape and dtype), in place.
 inline void add_into(Tensor& acc, const Tensor& g) {
+  if (on_device(acc)) {
+    const Strides st = acc.strides();
+    if (acc.numel() > 0)
+      backend(acc.device()).binary(BinaryOp::add, acc.data<float>(), acc.shape(), acc.data<float>(), st, g.data<float>(), st);
+    return;
+  }
   ::moa::detail::dispatch_float(acc.dtype(), "backward", [&]<class T>() {
     T* a = acc.data<T>();
     const T* b = g.data<T>();

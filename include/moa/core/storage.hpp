@@ -12,6 +12,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "moa/core/backend.hpp"
 #include "moa/core/dtype.hpp"
 #include "moa/core/error.hpp"
 
@@ -135,11 +136,25 @@ struct Storage {
   Device device{};
   std::uint64_t version = 0;
 
-  // Fresh uninitialised host memory, 64-byte aligned.
+  // Fresh uninitialised memory: 64-byte aligned host memory, or device memory from the device's
+  // backend (its caching allocator).
   static std::shared_ptr<Storage> allocate(std::size_t nbytes, Device device) {
-    MOA_CHECK(device.type == DeviceType::cpu, DeviceError, "allocate: device ", device.str(),
-              " is not available in this build (expected cpu)");
     auto s = std::make_shared<Storage>();
+    if (device.type != DeviceType::cpu) {
+      DeviceBackend* b = &backend(device);
+      const int index = device.index;
+      void* p = b->allocate(nbytes, index);
+      try {
+        s->data = std::shared_ptr<std::byte>(static_cast<std::byte*>(p),
+                                             [b, nbytes, index](std::byte* q) { b->release(q, nbytes, index); });
+      } catch (...) {
+        b->release(p, nbytes, index);
+        throw;
+      }
+      s->nbytes = nbytes;
+      s->device = device;
+      return s;
+    }
     std::size_t block = 0;
     auto& alloc = detail::CachingHostAllocator::instance();
     void* p = alloc.allocate(nbytes, block);

@@ -52,6 +52,8 @@ class Tensor {
   static Tensor empty(const Shape& shape, DType dtype = DType::f32, Device device = Device::cpu()) {
     for (int64_t d : shape)
       MOA_CHECK(d >= 0, ShapeError, "empty: expected non-negative sizes, got shape ", shape_str(shape));
+    MOA_CHECK(device.type == DeviceType::cpu || dtype != DType::f64, ValueError, "empty: f64 tensors stay on the cpu "
+              "(they serve gradient checks); expected f32, bf16 or i32 on ", device.str());
     auto impl = std::make_shared<detail::TensorImpl>();
     impl->storage = Storage::allocate(static_cast<std::size_t>(numel_of(shape)) * dtype_size(dtype), device);
     impl->shape = shape;
@@ -176,6 +178,8 @@ class Tensor {
   Tensor squeeze(int64_t axis) const;
   Tensor flatten() const { return reshape({numel()}); }
   Tensor to(DType dtype) const;
+  // A copy on `device` (this tensor itself when already there); differentiable: the gradient goes back.
+  Tensor to(Device device) const;
   // A tensor sharing storage but cut from the graph (no grad_fn, requires_grad false).
   Tensor detach() const {
     auto impl = std::make_shared<detail::TensorImpl>();
@@ -284,9 +288,59 @@ decltype(auto) dispatch_any(DType t, const char* op, F&& f) {
 
 }  // namespace detail
 
+// True for tensors whose memory the host cannot read (everything but the cpu).
+inline bool on_device(const Tensor& t) { return t.device().type != DeviceType::cpu; }
+
+namespace detail {
+
+// The device tensor as a contiguous host tensor of the same dtype (no autograd).
+inline Tensor device_to_host(const Tensor& x);
+
+}  // namespace detail
+
+namespace detail {
+
+// Device kernels compute in f32 (bf16 and i32 are storage): the check every device op makes.
+inline void check_device_f32(const Tensor& t, const char* op) {
+  MOA_CHECK(t.dtype() == DType::f32, ValueError, op, ": expected f32 on ", t.device().str(), ", got ",
+            dtype_name(t.dtype()), " (device kernels compute in f32; convert with .to(DType::f32))");
+}
+
+// x's i32 values on `device` (x itself when already there): index tensors are often made on the host.
+inline Tensor ids_on(const Tensor& x, Device device) {
+  if (x.device() == device) return x;
+  Tensor out = Tensor::empty(x.shape(), x.dtype(), device);
+  out.copy_(x);
+  return out;
+}
+
+}  // namespace detail
+
+namespace detail {
+
+// Moves t's data (and its gradient) to `device` in place: every handle to this tensor sees the move.
+// For parameters (Module::to); a view's other views keep the old storage.
+inline void move_to(const Tensor& t, Device device) {
+  if (t.device() == device) return;
+  Tensor c = Tensor::empty(t.shape(), t.dtype(), device);
+  c.copy_(t.detach());
+  TensorImpl& impl = t.impl();
+  impl.storage = c.storage();
+  impl.offset = 0;
+  impl.strides = contiguous_strides(impl.shape);
+  if (impl.grad) {
+    Tensor g(impl.grad);
+    Tensor gc = Tensor::empty(g.shape(), g.dtype(), device);
+    gc.copy_(g);
+    impl.grad = gc.impl_ptr();
+  }
+}
+
+}  // namespace detail
+
 template <class T>
 std::vector<T> Tensor::to_vector() const {
-  MOA_CHECK(device().type == DeviceType::cpu, DeviceError, "to_vector: expected a cpu tensor, got ", device().str());
+  if (on_device(*this)) return detail::device_to_host(*this).to_vector<T>();
   std::vector<T> out(static_cast<std::size_t>(numel()));
   detail::dispatch_any(dtype(), "to_vector", [&]<class S>() {
     detail::strided_convert(out.data(), static_cast<const S*>(data_ptr()), shape(), strides());
@@ -295,6 +349,11 @@ std::vector<T> Tensor::to_vector() const {
 }
 
 inline Tensor& Tensor::fill_(double value) {
+  if (on_device(*this)) {
+    if (numel() > 0) backend(device()).fill(dtype(), data_ptr(), shape(), strides(), value);
+    ++storage()->version;
+    return *this;
+  }
   detail::dispatch_any(dtype(), "fill_", [&]<class T>() {
     T* p = static_cast<T*>(data_ptr());
     const T v = static_cast<T>(value);
@@ -308,9 +367,67 @@ inline Tensor& Tensor::fill_(double value) {
   return *this;
 }
 
+namespace detail {
+
+// A dtype the device kernels convert to and from: f64 goes through f32 on the device side.
+inline DType device_side_dtype(DType t) { return t == DType::f64 ? DType::f32 : t; }
+
+// Host <-> device and device <-> device copies for Tensor::copy_ (shapes already checked).
+inline void copy_across(Tensor& dst, const Tensor& src) {
+  if (dst.numel() == 0) return;
+  const Device dd = dst.device(), sd = src.device();
+  if (dd == sd) {  // on one device: one strided, converting copy
+    backend(dd).copy_strided(dst.dtype(), dst.data_ptr(), dst.strides(), src.dtype(), src.data_ptr(), src.strides(),
+                             dst.shape());
+    return;
+  }
+  if (sd.type == DeviceType::cpu) {  // upload: a contiguous host copy in a device dtype, then one transfer
+    const DType t = device_side_dtype(src.dtype() == DType::bf16 ? DType::bf16 : (dst.dtype() == DType::bf16 ? src.dtype() : dst.dtype()));
+    Tensor h = src;
+    if (!(src.is_contiguous() && src.dtype() == t)) {
+      h = Tensor::empty(src.shape(), t);
+      h.copy_(src);
+    }
+    const std::size_t nbytes = static_cast<std::size_t>(h.numel()) * dtype_size(t);
+    if (dst.is_contiguous() && dst.dtype() == t) {
+      backend(dd).copy_to_device(dst.data_ptr(), h.data_ptr(), nbytes, dd.index);
+      return;
+    }
+    Tensor d = Tensor::empty(src.shape(), t, dd);
+    backend(dd).copy_to_device(d.data_ptr(), h.data_ptr(), nbytes, dd.index);
+    copy_across(dst, d);
+    return;
+  }
+  // Download (or between two devices, through the host): contiguous on the source device in the
+  // destination's dtype, one transfer, then a host copy when the layout or dtype still differs.
+  const DType t = dd.type == DeviceType::cpu ? device_side_dtype(dst.dtype() == DType::bf16 ? src.dtype() : dst.dtype())
+                                              : src.dtype();
+  Tensor d = src;
+  if (!(src.is_contiguous() && src.dtype() == t)) {
+    d = Tensor::empty(src.shape(), t, sd);
+    copy_across(d, src);
+  }
+  Tensor h = (dd.type == DeviceType::cpu && dst.is_contiguous() && dst.dtype() == t) ? dst : Tensor::empty(src.shape(), t);
+  backend(sd).copy_to_host(h.data_ptr(), d.data_ptr(), static_cast<std::size_t>(d.numel()) * dtype_size(t), sd.index);
+  if (!h.shares_storage_with(dst)) dst.copy_(h);
+}
+
+inline Tensor device_to_host(const Tensor& x) {
+  Tensor h = Tensor::empty(x.shape(), x.dtype());
+  copy_across(h, x);
+  return h;
+}
+
+}  // namespace detail
+
 inline Tensor& Tensor::copy_(const Tensor& src) {
   MOA_CHECK(src.shape() == shape(), ShapeError, "copy_: expected a source of shape ", shape_str(shape()), ", got ",
             shape_str(src.shape()));
+  if (on_device(*this) || on_device(src)) {
+    detail::copy_across(*this, src);
+    ++storage()->version;
+    return *this;
+  }
   detail::dispatch_any(dtype(), "copy_", [&]<class D>() {
     detail::dispatch_any(src.dtype(), "copy_", [&]<class S>() {
       D* d = static_cast<D*>(data_ptr());

@@ -98,7 +98,9 @@ inline std::vector<std::vector<int32_t>> generate(nn::TransformerLM& model, cons
   std::vector<char> done(static_cast<std::size_t>(B), opt.max_new_tokens == 0);
   std::vector<int32_t> next(static_cast<std::size_t>(B));
 
-  auto take = [&](const Tensor& logits, int64_t row, int64_t b) {  // logits (rows, V)
+  auto take = [&](const Tensor& logits_any, int64_t row, int64_t b) {  // logits (rows, V)
+    const Tensor logits = on_device(logits_any) ? logits_any.narrow(0, row, 1).to(Device::cpu()) : logits_any;
+    if (on_device(logits_any)) row = 0;
     const float* l = logits.data<float>() + row * c.vocab_size;
     const int32_t t = detail::pick_token(l, c.vocab_size, opt, gen);
     next[b] = t;

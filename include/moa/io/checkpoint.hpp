@@ -145,7 +145,7 @@ inline void copy_into(const TensorMap& dst, const TensorMap& src, std::string_vi
   for (const auto& [name, t] : dst) {
     Tensor d = t;
     const Tensor& s = src.at(name);
-    if (d.dtype() == s.dtype() && d.is_contiguous() && s.is_contiguous()) {
+    if (d.dtype() == s.dtype() && d.is_contiguous() && s.is_contiguous() && !on_device(d) && !on_device(s)) {
       if (d.numel()) std::memcpy(d.data_ptr(), s.data_ptr(), static_cast<std::size_t>(d.numel()) * dtype_size(d.dtype()));
       ++d.storage()->version;
     } else {

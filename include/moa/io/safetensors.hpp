@@ -425,8 +425,9 @@ void write_safetensors(const TensorMap& tensors, const StringMap& metadata, Sink
   fault_point("safetensors.data");
   std::vector<std::byte> buf;
   for (const auto& p : plan) {
-    const Tensor& t = *p.tensor;
+    const Tensor& t0 = *p.tensor;
     if (p.nbytes == 0) continue;
+    const Tensor t = on_device(t0) ? t0.detach().to(Device::cpu()) : t0;  // device tensors: through the host
     if (t.is_contiguous()) {
       sink(t.data_ptr(), p.nbytes);
     } else {

@@ -59,7 +59,7 @@ class LoRA : public nn::LinearAdapter {
   // scale * B A (Out, In), the change to the base weight, in f64 (for merging).
   Tensor delta_weight() const {
     NoGradGuard no_grad;
-    const Tensor a = A.to(DType::f64).contiguous(), b = B.to(DType::f64).contiguous();
+    const Tensor a = A.to(Device::cpu()).to(DType::f64).contiguous(), b = B.to(Device::cpu()).to(DType::f64).contiguous();
     Tensor d = Tensor::empty({out_features(), in_features()}, DType::f64);
     kernels::cpu::gemm<double>(false, false, out_features(), in_features(), rank(), scale(), b.data<double>(), rank(),
                                a.data<double>(), in_features(), 0.0, d.data<double>(), in_features());
@@ -180,11 +180,15 @@ class LoRALinear : public nn::LinearAdapter {
     NoGradGuard no_grad;
     const Tensor d = l.delta_weight();
     const double* pd = d.data<double>();
-    ::moa::detail::dispatch_float(base.weight.dtype(), "LoRA merge", [&]<class T>() {
-      T* w = base.weight.data<T>();
+    // On a device: the same host arithmetic on a downloaded copy, then uploaded (merging is rare).
+    Tensor host = on_device(base.weight) ? base.weight.detach().to(Device::cpu()) : base.weight.detach();
+    ::moa::detail::dispatch_float(host.dtype(), "LoRA merge", [&]<class T>() {
+      T* w = host.data<T>();
       const int64_t n = base.weight.numel();
       for (int64_t i = 0; i < n; ++i) w[i] = static_cast<T>(static_cast<double>(w[i]) + sign * pd[i]);
     });
+    if (on_device(base.weight)) base.weight.detach().copy_(host);
+    ++base.weight.storage()->version;
   }
 
   std::vector<std::pair<std::string, std::shared_ptr<LoRA>>> loras_;

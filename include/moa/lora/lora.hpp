@@ -124,8 +124,10 @@ inline std::vector<std::string> attach_lora_at(nn::Module& model, const std::str
     }
     // Dropout streams differ per linear and per adapter, and depend only on (seed, position).
     const std::uint64_t dropout_seed = seed * 0x9E3779B97F4A7C15ull + 0xD0D0ull + k++;
-    slot->add(name, std::make_shared<LoRA>(lin->in_features(), lin->out_features(), config, gen, dropout_seed,
-                                           lin->weight.dtype()));
+    auto lora = std::make_shared<LoRA>(lin->in_features(), lin->out_features(), config, gen, dropout_seed,
+                                       lin->weight.dtype());
+    lora->to(lin->weight.device());  // the adapter lives where its base weight does
+    slot->add(name, lora);
     paths.push_back(path);
   }
   detail::freeze_base(model);

@@ -23,8 +23,8 @@ inline Tensor lora_add(const Tensor& base, const Tensor& x, const Tensor& A, con
     MOA_CHECK(t->dtype() == x.dtype() && is_floating(x.dtype()), ValueError,
               "lora_add: expected floating tensors of one dtype, got ", dtype_name(x.dtype()), " and ",
               dtype_name(t->dtype()));
-    MOA_CHECK(t->device() == x.device() && x.device().type == DeviceType::cpu, DeviceError,
-              "lora_add: expected cpu tensors, got ", x.device().str(), " and ", t->device().str());
+    MOA_CHECK(t->device() == x.device(), DeviceError, "lora_add: expected tensors on one device, got ",
+              x.device().str(), " and ", t->device().str());
   }
   MOA_CHECK(A.dim() == 2 && B.dim() == 2 && A.size(0) == B.size(1), ShapeError,
             "lora_add: expected A (R, In) and B (Out, R) with one rank R, got A ", shape_str(A.shape()), " and B ",
@@ -47,8 +47,10 @@ inline Tensor lora_add(const Tensor& base, const Tensor& x, const Tensor& A, con
     out = base.clone();                              // (..., Out), accumulated onto below
   }
   const int64_t N = xc.size(0);
+  const Device dev = x.device();
+  if (on_device(x)) ::moa::detail::check_device_f32(x, "lora_add");
   ::moa::detail::dispatch_float(x.dtype(), "lora_add", [&]<class T>() {
-    kernels::cpu::gemm<T>(false, true, N, Out, R, static_cast<T>(scale), u.data<T>(), R, Bc.data<T>(), R, T(1),
+    ::moa::detail::gemm_on<T>(dev, false, true, N, Out, R, static_cast<T>(scale), u.data<T>(), R, Bc.data<T>(), R, T(1),
                           out.data<T>(), Out);
   });
   if (autograd::needs_graph({&base, &x, &A, &B})) {
@@ -58,25 +60,26 @@ inline Tensor lora_add(const Tensor& base, const Tensor& x, const Tensor& A, con
             const Tensor& g, const std::vector<char>& needs) {
           std::vector<Tensor> r(4);
           const int64_t R = Ad.size(0), In = Ad.size(1), Out = Bd.size(0), N = xd.size(0);
+          const Device dev = g.device();
           if (needs[0]) r[0] = g;
           ::moa::detail::dispatch_float(g.dtype(), "lora_add backward", [&]<class T>() {
             const T* pg = g.data<T>();  // (N, Out), contiguous (the engine makes it so)
             const T s = static_cast<T>(scale);
             if (needs[3]) {  // dB (Out, R) = s g^T u
-              r[3] = Tensor::empty({Out, R}, g.dtype());
-              kernels::cpu::gemm<T>(true, false, Out, R, N, s, pg, Out, ud.data<T>(), R, T(0), r[3].data<T>(), R);
+              r[3] = Tensor::empty({Out, R}, g.dtype(), dev);
+              ::moa::detail::gemm_on<T>(dev, true, false, Out, R, N, s, pg, Out, ud.data<T>(), R, T(0), r[3].data<T>(), R);
             }
             if (needs[1] || needs[2]) {
-              Tensor gu = Tensor::empty({N, R}, g.dtype());  // d(x A^T) (N, R) = s g B
-              kernels::cpu::gemm<T>(false, false, N, R, Out, s, pg, Out, Bd.data<T>(), R, T(0), gu.data<T>(), R);
+              Tensor gu = Tensor::empty({N, R}, g.dtype(), dev);  // d(x A^T) (N, R) = s g B
+              ::moa::detail::gemm_on<T>(dev, false, false, N, R, Out, s, pg, Out, Bd.data<T>(), R, T(0), gu.data<T>(), R);
               if (needs[2]) {  // dA (R, In) = gu^T x
-                r[2] = Tensor::empty({R, In}, g.dtype());
-                kernels::cpu::gemm<T>(true, false, R, In, N, T(1), gu.data<T>(), R, xd.data<T>(), In, T(0),
+                r[2] = Tensor::empty({R, In}, g.dtype(), dev);
+                ::moa::detail::gemm_on<T>(dev, true, false, R, In, N, T(1), gu.data<T>(), R, xd.data<T>(), In, T(0),
                                       r[2].data<T>(), In);
               }
               if (needs[1]) {  // dx (N, In) = gu A
-                Tensor gx = Tensor::empty({N, In}, g.dtype());
-                kernels::cpu::gemm<T>(false, false, N, In, R, T(1), gu.data<T>(), R, Ad.data<T>(), In, T(0),
+                Tensor gx = Tensor::empty({N, In}, g.dtype(), dev);
+                ::moa::detail::gemm_on<T>(dev, false, false, N, In, R, T(1), gu.data<T>(), R, Ad.data<T>(), In, T(0),
                                       gx.data<T>(), In);
                 r[1] = gx.view(x_shape);
               }

@@ -125,7 +125,7 @@ inline const std::string& peft_prefix() {
 
 inline bool bitwise_equal(const Tensor& a, const Tensor& b) {
   if (a.shape() != b.shape() || a.dtype() != b.dtype()) return false;
-  const Tensor ac = a.contiguous(), bc = b.contiguous();
+  const Tensor ac = a.to(Device::cpu()).contiguous(), bc = b.to(Device::cpu()).contiguous();
   return std::memcmp(ac.data_ptr(), bc.data_ptr(), static_cast<std::size_t>(a.numel()) * dtype_size(a.dtype())) == 0;
 }
 

@@ -175,6 +175,7 @@ class MoAModel : public nn::Module {
     auto list = register_module("routers", std::make_shared<nn::ModuleList<Router>>());
     for (int64_t l = 0; l < base_->config().n_layers; ++l)
       routers_.push_back(list->push_back(std::make_shared<Router>(base_->config().dim, num_experts(), gen_)));
+    to(base_->device());  // experts and routers live where the base does
   }
   // Detaches the experts: the base (which others may share) is left as it was before, plain.
   ~MoAModel() override {
@@ -204,7 +205,7 @@ class MoAModel : public nn::Module {
     const Tensor& w = routers_[static_cast<std::size_t>(l)]->weight;
     Tensor pooled;
     if (c_.pooling == Pooling::mean) {
-      const Tensor m = prompt_mask.unsqueeze(2);                      // (B, T, 1)
+      const Tensor m = prompt_mask.to(x.device()).unsqueeze(2);       // (B, T, 1)
       pooled = sum(x * m, {1}) / sum(m, {1});                         // (B, C)
     } else {
       // the last prompt token of each row
@@ -292,7 +293,7 @@ class MoAModel : public nn::Module {
     routing_->seq_expert.assign(static_cast<std::size_t>(L), std::vector<int32_t>(static_cast<std::size_t>(Bn), 0));
     std::vector<std::vector<int32_t>> choice(static_cast<std::size_t>(L));
     base_->block_hook = [&](int64_t l, const Tensor& x) {
-      const Tensor lg = router_logits_of(l, x, b).contiguous();
+      const Tensor lg = router_logits_of(l, x, b).to(Device::cpu()).contiguous();
       const float* p = lg.data<float>();
       auto& ch = choice[static_cast<std::size_t>(l)];
       for (int64_t i = 0; i < Bn; ++i)
@@ -335,10 +336,13 @@ class MoAModel : public nn::Module {
     for (const auto& d : c_.domains)
       MOA_CHECK(d != domain, ValueError, "MoAModel::add_expert: domain '", domain, "' exists already");
     c_.domains.push_back(domain);
-    for (auto& ad : adapters_) ad->add_expert(gen_);
+    for (auto& ad : adapters_) {
+      ad->add_expert(gen_);
+      ad->to(base_->device());
+    }
     for (auto& r : routers_) {
       NoGradGuard ng;
-      Tensor fresh = Tensor::randn({1, base_->config().dim}, gen_, DType::f32, 0.0, 0.02);
+      Tensor fresh = Tensor::randn({1, base_->config().dim}, gen_, DType::f32, 0.0, 0.02).to(r->weight.device());
       rebind(r->weight, concat({r->weight.detach(), fresh}, 0));
     }
   }
@@ -387,7 +391,7 @@ class MoAModel : public nn::Module {
       const Tensor h = x.reshape({N, x.size(-1)});
       const Tensor hn = h / sqrt(shift(mean(h * h, {1}, true), 1e-6));
       const Tensor probs = softmax(linear(hn, routers_[static_cast<std::size_t>(l)]->weight), -1);  // (N, E)
-      const Tensor pc = probs.contiguous();
+      const Tensor pc = probs.to(Device::cpu()).contiguous();
       const float* p = pc.data<float>();
       std::vector<int32_t> idx(static_cast<std::size_t>(N * k)), rows(idx.size());
       std::vector<float> first(static_cast<std::size_t>(E), 0.0f);
@@ -410,7 +414,7 @@ class MoAModel : public nn::Module {
       routing_->experts[static_cast<std::size_t>(l)] = idx;
       routing_->weights[static_cast<std::size_t>(l)] = w.reshape({N * k});
       if (aux) {
-        const Tensor term = scale(sum(mean(probs, {0}) * Tensor::from_vector(first)), static_cast<double>(E));
+        const Tensor term = scale(sum(mean(probs, {0}) * Tensor::from_vector(first).to(probs.device())), static_cast<double>(E));
         *aux = aux->defined() ? *aux + term : term;
       }
     };

@@ -21,13 +21,13 @@ struct KVCache {
   std::vector<int64_t> lengths;
   int64_t capacity = 0;
 
-  static KVCache make(const TransformerConfig& c, int64_t batch, int64_t capacity) {
+  static KVCache make(const TransformerConfig& c, int64_t batch, int64_t capacity, Device device = Device::cpu()) {
     MOA_CHECK(batch > 0 && capacity > 0, ValueError, "KVCache: expected positive batch and capacity, got ", batch,
               " and ", capacity);
     KVCache kv;
     for (int64_t l = 0; l < c.n_layers; ++l) {
-      kv.k.push_back(Tensor::zeros({batch, c.kv_heads(), capacity, c.head_size()}));
-      kv.v.push_back(Tensor::zeros({batch, c.kv_heads(), capacity, c.head_size()}));
+      kv.k.push_back(Tensor::zeros({batch, c.kv_heads(), capacity, c.head_size()}, DType::f32, device));
+      kv.v.push_back(Tensor::zeros({batch, c.kv_heads(), capacity, c.head_size()}, DType::f32, device));
     }
     kv.lengths.assign(static_cast<std::size_t>(batch), 0);
     kv.capacity = capacity;

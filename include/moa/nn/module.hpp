@@ -107,6 +107,19 @@ class Module {
     for (auto& [n, t] : named_parameters()) t.zero_grad();
   }
 
+  // Moves every parameter (and gradient) to `device` in place, so the tensors held elsewhere
+  // (optimisers, adapters, tied weights) follow. Build optimisers after moving, or let AdamW move
+  // its moments on the next step (it does).
+  Module& to(Device device) {
+    for (auto& [n, t] : named_parameters()) ::moa::detail::move_to(t, device);
+    return *this;
+  }
+  // The device of the first parameter (cpu for a module without parameters).
+  Device device() const {
+    const NamedTensors ps = named_parameters();
+    return ps.empty() ? Device::cpu() : ps.front().second.device();
+  }
+
   const std::vector<std::pair<std::string, std::shared_ptr<Module>>>& children() const { return children_; }
   const NamedTensors& own_parameters() const { return params_; }
 

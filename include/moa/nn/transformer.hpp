@@ -185,7 +185,7 @@ class TransformerLM : public Module {
   Tensor head_weight() const { return lm_head ? lm_head->weight : tok_emb->weight; }
 
   KVCache make_cache(int64_t batch, int64_t capacity = 0) const {
-    return KVCache::make(c_, batch, capacity > 0 ? std::min(capacity, c_.max_seq_len) : c_.max_seq_len);
+    return KVCache::make(c_, batch, capacity > 0 ? std::min(capacity, c_.max_seq_len) : c_.max_seq_len, device());
   }
 
   Generator& dropout_generator() { return dropout_gen_; }

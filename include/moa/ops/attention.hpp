@@ -28,8 +28,8 @@ inline Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v
   MOA_CHECK(k.dtype() == q.dtype() && v.dtype() == q.dtype(), ValueError,
             "causal_attention: expected q, k and v of one dtype, got ", dtype_name(q.dtype()), ", ",
             dtype_name(k.dtype()), " and ", dtype_name(v.dtype()));
-  MOA_CHECK(q.device().type == DeviceType::cpu && k.device() == q.device() && v.device() == q.device(), DeviceError,
-            "causal_attention: expected cpu tensors, got q on ", q.device().str(), ", k on ", k.device().str(),
+  MOA_CHECK(k.device() == q.device() && v.device() == q.device(), DeviceError,
+            "causal_attention: expected q, k and v on one device, got q on ", q.device().str(), ", k on ", k.device().str(),
             " and v on ", v.device().str());
   MOA_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, ShapeError,
             "causal_attention: expected q [B, Hq, Tq, D] and k, v [B, Hkv, Tk, D], got q ", shape_str(q.shape()),
@@ -52,6 +52,34 @@ inline Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v
   MOA_CHECK(std::isfinite(sc), ValueError, "causal_attention: expected a finite scale, got ", sc);
 
   const Tensor qc = q.detach().contiguous(), kc = k.detach().contiguous(), vc = v.detach().contiguous();
+  if (on_device(q)) {
+    detail::check_device_f32(q, "causal_attention");
+    const Device dev = q.device();
+    const AttentionDims dims{B, Hq, Hkv, Tq, Tk, D};
+    Tensor out = Tensor::empty({B, Hq, Tq, D}, q.dtype(), dev);
+    Tensor lse = Tensor::empty({B, Hq, Tq}, q.dtype(), dev);
+    if (out.numel() > 0)
+      backend(dev).attention_forward(out.data<float>(), lse.data<float>(), qc.data<float>(), kc.data<float>(),
+                                     vc.data<float>(), dims, static_cast<float>(sc));
+    if (autograd::needs_graph({&q, &k, &v}))
+      autograd::record("causal_attention", out, {q, k, v},
+                       [qs = qc.detach(), ks = kc.detach(), vs = vc.detach(), os = out.detach(), lse, dims,
+                        sc](const Tensor& g, const std::vector<char>& needs) {
+                         std::vector<Tensor> grads(3);
+                         const Device d = qs.device();
+                         if (needs[0]) grads[0] = Tensor::empty(qs.shape(), qs.dtype(), d);
+                         if (needs[1]) grads[1] = Tensor::empty(ks.shape(), ks.dtype(), d);
+                         if (needs[2]) grads[2] = Tensor::empty(vs.shape(), vs.dtype(), d);
+                         auto ptr = [](const Tensor& t) { return t.defined() ? t.data<float>() : nullptr; };
+                         if (qs.numel() > 0)
+                           backend(d).attention_backward(ptr(grads[0]), ptr(grads[1]), ptr(grads[2]), g.data<float>(),
+                                                         qs.data<float>(), ks.data<float>(), vs.data<float>(),
+                                                         os.data<float>(), lse.data<float>(), dims,
+                                                         static_cast<float>(sc));
+                         return grads;
+                       });
+    return out;
+  }
   Tensor out = Tensor::empty({B, Hq, Tq, D}, q.dtype());  // (B, Hq, Tq, D)
   Tensor lse = Tensor::empty({B, Hq, Tq}, q.dtype());     // (B, Hq, Tq)
   detail::dispatch_float(q.dtype(), "causal_attention", [&]<class T>() {

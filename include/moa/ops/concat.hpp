@@ -60,7 +60,7 @@ inline Tensor gather(const Tensor& x, int64_t axis, const Tensor& index) {
   for (int64_t d = 0; d < x.dim(); ++d)
     MOA_CHECK(d == ax || index.shape()[d] <= x.shape()[d], ShapeError, "gather: expected index sizes <= x's off axis ",
               ax, ", got index ", shape_str(index.shape()), " for x ", shape_str(x.shape()));
-  const Tensor idx = index.contiguous();
+  const Tensor idx = on_device(index) ? detail::device_to_host(index) : index.contiguous();
   const int32_t* pi = idx.data<int32_t>();
   const int64_t n_axis = x.shape()[ax];
   for (int64_t i = 0; i < idx.numel(); ++i)
@@ -71,6 +71,43 @@ inline Tensor gather(const Tensor& x, int64_t axis, const Tensor& index) {
   const int64_t ax_stride = sx[ax];
   sx[ax] = 0;
   const Strides si = idx.strides();
+  if (on_device(x)) {  // element offsets computed on the host, then one take (backward: one put_add)
+    detail::check_device_f32(x, "gather");
+    const Device dev = x.device();
+    const Strides sgx = [&] {
+      Strides c = contiguous_strides(x.shape());
+      c[ax] = 0;
+      return c;
+    }();
+    const int64_t gx_ax = contiguous_strides(x.shape())[ax];
+    std::vector<int32_t> fwd(static_cast<std::size_t>(idx.numel())), bwd(fwd.size());
+    MOA_CHECK(x.storage()->nbytes / 4 < (std::size_t{1} << 31), ShapeError, "gather: on ", dev.str(),
+              " x must have fewer than 2^31 elements");
+    detail::for_each_row<3>(index.shape(), {&si, &sx, &sgx},
+                            [&](const std::array<int64_t, 3>& off, int64_t len, const std::array<int64_t, 3>& in) {
+                              for (int64_t k = 0; k < len; ++k) {
+                                const int64_t p = off[0] + k * in[0];
+                                fwd[p] = static_cast<int32_t>(off[1] + k * in[1] + pi[p] * ax_stride);
+                                bwd[p] = static_cast<int32_t>(off[2] + k * in[2] + pi[p] * gx_ax);
+                              }
+                            });
+    const Tensor fwd_d = Tensor::from_vector(fwd, index.shape()).to(dev);
+    Tensor out = Tensor::empty(index.shape(), x.dtype(), dev);
+    if (out.numel() > 0)
+      backend(dev).take(out.data<float>(), static_cast<const float*>(x.data_ptr()), fwd_d.data<int32_t>(), out.numel());
+    if (autograd::needs_graph({&x})) {
+      const Tensor bwd_d = Tensor::from_vector(bwd, index.shape()).to(dev);
+      const Shape xs = x.shape();
+      autograd::record("gather", out, {x}, [xs, bwd_d](const Tensor& g, const std::vector<char>&) {
+        Tensor gx = Tensor::zeros(xs, g.dtype(), g.device());
+        const Tensor gc = g.contiguous();
+        if (gc.numel() > 0)
+          backend(g.device()).put_add(gx.data<float>(), bwd_d.data<int32_t>(), gc.data<float>(), gc.numel());
+        return std::vector<Tensor>{gx};
+      });
+    }
+    return out;
+  }
   Tensor out = Tensor::empty(index.shape(), x.dtype(), x.device());
   detail::dispatch_float(x.dtype(), "gather", [&]<class T>() {
     const T* px = static_cast<const T*>(x.data_ptr());

@@ -7,6 +7,7 @@
 
 #include "moa/autograd/node.hpp"
 #include "moa/core/tensor.hpp"
+#include "moa/ops/elementwise.hpp"
 
 namespace moa {
 
@@ -14,6 +15,17 @@ inline Tensor dropout(const Tensor& x, double p, Generator& gen, bool training =
   MOA_CHECK(p >= 0.0 && p < 1.0, ValueError, "dropout: expected 0 <= p < 1, got ", p);
   MOA_CHECK(is_floating(x.dtype()), ValueError, "dropout: expected a floating tensor, got ", dtype_name(x.dtype()));
   if (!training || p == 0.0) return x;
+  if (on_device(x)) {  // the same mask as on the cpu (drawn on the host from gen), applied on the device
+    detail::check_device_f32(x, "dropout");
+    Tensor mask = Tensor::empty(x.shape(), DType::f32);
+    const int64_t n = x.numel();
+    const std::uint64_t first = gen.reserve(static_cast<std::uint64_t>(n));
+    float* pm = mask.data<float>();
+    const float keep_scale = static_cast<float>(1.0 / (1.0 - p));
+    for (int64_t i = 0; i < n; ++i)
+      pm[i] = gen.uniform_at<double>(first + static_cast<std::uint64_t>(i)) < p ? 0.f : keep_scale;
+    return mul(x, mask.to(x.device()));
+  }
   const Tensor xc = x.contiguous();
   const int64_t n = x.numel();
   Tensor mask = Tensor::empty(x.shape(), x.dtype(), x.device());  // 0 or 1 / (1 - p)

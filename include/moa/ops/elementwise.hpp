@@ -29,9 +29,23 @@ inline void check_float_pair(const Tensor& a, const Tensor& b, const char* op) {
   check_same_device(a, b, op);
 }
 
-// out = f(a, b) elementwise, out contiguous with the broadcast shape.
+// out = a op b on a device (f32), out contiguous with the broadcast shape.
+inline Tensor device_binary(BinaryOp op, const Tensor& a, const Tensor& b, const Shape& out_shape, const char* name) {
+  check_device_f32(a, name);
+  MOA_CHECK(static_cast<int64_t>(out_shape.size()) <= kMaxDeviceRank, ShapeError, name, ": expected at most ",
+            kMaxDeviceRank, " axes on ", a.device().str(), ", got shape ", shape_str(out_shape));
+  Tensor out = Tensor::empty(out_shape, a.dtype(), a.device());
+  if (out.numel() > 0)
+    backend(a.device()).binary(op, out.data<float>(), out_shape, a.data<float>(),
+                               broadcast_strides(a.shape(), a.strides(), out_shape), b.data<float>(),
+                               broadcast_strides(b.shape(), b.strides(), out_shape));
+  return out;
+}
+
+// out = f(a, b) elementwise (op on a device), out contiguous with the broadcast shape.
 template <class T, class F>
-Tensor binary_map(const Tensor& a, const Tensor& b, const Shape& out_shape, F f) {
+Tensor binary_map(BinaryOp op, const Tensor& a, const Tensor& b, const Shape& out_shape, F f) {
+  if (on_device(a)) return device_binary(op, a, b, out_shape, "binary op");
   Tensor out = Tensor::empty(out_shape, a.dtype(), a.device());
   T* o = out.data<T>();
   const T* pa = static_cast<const T*>(a.data_ptr());
@@ -102,7 +116,7 @@ inline Tensor add(const Tensor& a, const Tensor& b) {
   detail::check_float_pair(a, b, "add");
   const Shape s = broadcast_shapes(a.shape(), b.shape(), "add");
   Tensor out = detail::dispatch_float(a.dtype(), "add", [&]<class T>() {
-    return detail::binary_map<T>(a, b, s, [](T x, T y) { return x + y; });
+    return detail::binary_map<T>(BinaryOp::add, a, b, s, [](T x, T y) { return x + y; });
   });
   detail::record_binary(
       "add", out, a, b, [](const Tensor& g, const Tensor&, const Tensor&) { return g; },
@@ -114,7 +128,7 @@ inline Tensor sub(const Tensor& a, const Tensor& b) {
   detail::check_float_pair(a, b, "sub");
   const Shape s = broadcast_shapes(a.shape(), b.shape(), "sub");
   Tensor out = detail::dispatch_float(a.dtype(), "sub", [&]<class T>() {
-    return detail::binary_map<T>(a, b, s, [](T x, T y) { return x - y; });
+    return detail::binary_map<T>(BinaryOp::sub, a, b, s, [](T x, T y) { return x - y; });
   });
   detail::record_binary(
       "sub", out, a, b, [](const Tensor& g, const Tensor&, const Tensor&) { return g; },
@@ -126,7 +140,7 @@ inline Tensor mul(const Tensor& a, const Tensor& b) {
   detail::check_float_pair(a, b, "mul");
   const Shape s = broadcast_shapes(a.shape(), b.shape(), "mul");
   Tensor out = detail::dispatch_float(a.dtype(), "mul", [&]<class T>() {
-    return detail::binary_map<T>(a, b, s, [](T x, T y) { return x * y; });
+    return detail::binary_map<T>(BinaryOp::mul, a, b, s, [](T x, T y) { return x * y; });
   });
   detail::record_binary(
       "mul", out, a, b, [](const Tensor& g, const Tensor&, const Tensor& y) { return mul(g, y); },
@@ -138,7 +152,7 @@ inline Tensor div(const Tensor& a, const Tensor& b) {
   detail::check_float_pair(a, b, "div");
   const Shape s = broadcast_shapes(a.shape(), b.shape(), "div");
   Tensor out = detail::dispatch_float(a.dtype(), "div", [&]<class T>() {
-    return detail::binary_map<T>(a, b, s, [](T x, T y) { return x / y; });
+    return detail::binary_map<T>(BinaryOp::div, a, b, s, [](T x, T y) { return x / y; });
   });
   detail::record_binary(
       "div", out, a, b, [](const Tensor& g, const Tensor&, const Tensor& y) { return div(g, y); },
@@ -149,10 +163,30 @@ inline Tensor div(const Tensor& a, const Tensor& b) {
 namespace detail {
 
 // A unary op y = f(x) with dy/dx = df(x, y), both scalar functions.
+// The same op on a device: y = f(x; p), backward gx = g * f'(x) through the backend's kernels.
+inline Tensor device_unary(const char* name, UnaryOp code, double p, const Tensor& x) {
+  check_device_f32(x, name);
+  const Tensor xc = x.contiguous();
+  Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
+  if (out.numel() > 0) backend(x.device()).unary(code, p, out.data<float>(), xc.data<float>(), out.numel());
+  if (autograd::needs_graph({&x})) {
+    autograd::record(name, out, {x},
+                     [xd = xc.detach(), yd = out.detach(), code, p](const Tensor& g, const std::vector<char>&) {
+                       Tensor gx = Tensor::empty(g.shape(), g.dtype(), g.device());
+                       if (gx.numel() > 0)
+                         backend(g.device()).unary_backward(code, p, gx.data<float>(), g.data<float>(),
+                                                            xd.data<float>(), yd.data<float>(), gx.numel());
+                       return std::vector<Tensor>{gx};
+                     });
+  }
+  return out;
+}
+
 template <class F, class DF>
-Tensor unary_op(const char* name, const Tensor& x, F f, DF df) {
+Tensor unary_op(const char* name, UnaryOp code, double p, const Tensor& x, F f, DF df) {
   MOA_CHECK(x.defined() && is_floating(x.dtype()), ValueError, name, ": expected a floating tensor, got ",
             x.defined() ? dtype_name(x.dtype()) : "an undefined tensor");
+  if (on_device(x)) return device_unary(name, code, p, x);
   Tensor out = dispatch_float(x.dtype(), name, [&]<class T>() { return unary_map<T>(x, [&](T v) { return f(v); }); });
   if (autograd::needs_graph({&x})) {
     autograd::record(name, out, {x},
@@ -179,47 +213,47 @@ Tensor unary_op(const char* name, const Tensor& x, F f, DF df) {
 // x * s for a scalar s.
 inline Tensor scale(const Tensor& x, double s) {
   return detail::unary_op(
-      "scale", x, [s](auto v) { return static_cast<decltype(v)>(v * s); }, [s](auto, auto) { return s; });
+      "scale", UnaryOp::scale, s, x, [s](auto v) { return static_cast<decltype(v)>(v * s); }, [s](auto, auto) { return s; });
 }
 // x + c for a scalar c.
 inline Tensor shift(const Tensor& x, double c) {
   return detail::unary_op(
-      "shift", x, [c](auto v) { return static_cast<decltype(v)>(v + c); }, [](auto, auto) { return 1.0; });
+      "shift", UnaryOp::shift, c, x, [c](auto v) { return static_cast<decltype(v)>(v + c); }, [](auto, auto) { return 1.0; });
 }
 inline Tensor neg(const Tensor& x) {
   return detail::unary_op(
-      "neg", x, [](auto v) { return -v; }, [](auto, auto) { return -1.0; });
+      "neg", UnaryOp::neg, 0, x, [](auto v) { return -v; }, [](auto, auto) { return -1.0; });
 }
 inline Tensor exp(const Tensor& x) {
   return detail::unary_op(
-      "exp", x, [](auto v) { return std::exp(v); }, [](auto, auto y) { return y; });
+      "exp", UnaryOp::exp, 0, x, [](auto v) { return std::exp(v); }, [](auto, auto y) { return y; });
 }
 // Natural log; non-positive inputs give -inf/NaN as in IEEE arithmetic.
 inline Tensor log(const Tensor& x) {
   return detail::unary_op(
-      "log", x, [](auto v) { return std::log(v); }, [](auto v, auto) { return 1 / v; });
+      "log", UnaryOp::log, 0, x, [](auto v) { return std::log(v); }, [](auto v, auto) { return 1 / v; });
 }
 inline Tensor sqrt(const Tensor& x) {
   return detail::unary_op(
-      "sqrt", x, [](auto v) { return std::sqrt(v); }, [](auto, auto y) { return 1 / (2 * y); });
+      "sqrt", UnaryOp::sqrt, 0, x, [](auto v) { return std::sqrt(v); }, [](auto, auto y) { return 1 / (2 * y); });
 }
 inline Tensor tanh(const Tensor& x) {
   return detail::unary_op(
-      "tanh", x, [](auto v) { return std::tanh(v); }, [](auto, auto y) { return 1 - y * y; });
+      "tanh", UnaryOp::tanh, 0, x, [](auto v) { return std::tanh(v); }, [](auto, auto y) { return 1 - y * y; });
 }
 // x^p for a scalar exponent p.
 inline Tensor pow(const Tensor& x, double p) {
   return detail::unary_op(
-      "pow", x, [p](auto v) { return static_cast<decltype(v)>(std::pow(v, p)); },
+      "pow", UnaryOp::pow, p, x, [p](auto v) { return static_cast<decltype(v)>(std::pow(v, p)); },
       [p](auto v, auto) { return p * std::pow(v, p - 1); });
 }
 inline Tensor relu(const Tensor& x) {
   return detail::unary_op(
-      "relu", x, [](auto v) { return v > 0 ? v : decltype(v)(0); }, [](auto v, auto) { return v > 0 ? 1.0 : 0.0; });
+      "relu", UnaryOp::relu, 0, x, [](auto v) { return v > 0 ? v : decltype(v)(0); }, [](auto v, auto) { return v > 0 ? 1.0 : 0.0; });
 }
 // GELU, tanh approximation (as GPT-2 uses). Float tensors take the vectorised cpu kernel.
 inline Tensor gelu(const Tensor& x) {
-  if (x.defined() && x.dtype() == DType::f32) {
+  if (x.defined() && x.dtype() == DType::f32 && !on_device(x)) {
     const Tensor xc = x.contiguous();
     Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
     kernels::cpu::gelu_forward(xc.data<float>(), out.data<float>(), x.numel());
@@ -232,12 +266,12 @@ inline Tensor gelu(const Tensor& x) {
     return out;
   }
   return detail::unary_op(
-      "gelu", x, [](auto v) { return kernels::reference::gelu(v); },
+      "gelu", UnaryOp::gelu, 0, x, [](auto v) { return kernels::reference::gelu(v); },
       [](auto v, auto) { return kernels::reference::gelu_grad(v); });
 }
 inline Tensor silu(const Tensor& x) {
   return detail::unary_op(
-      "silu", x, [](auto v) { return kernels::reference::silu(v); },
+      "silu", UnaryOp::silu, 0, x, [](auto v) { return kernels::reference::silu(v); },
       [](auto v, auto) { return kernels::reference::silu_grad(v); });
 }
 

@@ -21,12 +21,12 @@ inline Tensor embedding(const Tensor& weight, const Tensor& ids) {
             shape_str(weight.shape()));
   MOA_CHECK(ids.dtype() == DType::i32, ValueError, "embedding: expected ids of dtype i32, got ",
             dtype_name(ids.dtype()), " (ids shape ", shape_str(ids.shape()), ")");
-  MOA_CHECK(weight.device().type == DeviceType::cpu && ids.device().type == DeviceType::cpu, DeviceError,
-            "embedding: expected cpu tensors, got weight on ", weight.device().str(), " and ids on ",
+  MOA_CHECK(!on_device(ids) || ids.device() == weight.device(), DeviceError,
+            "embedding: expected ids on the cpu or on the weight's device ", weight.device().str(), ", got ",
             ids.device().str());
   const int64_t V = weight.shape()[0], C = weight.shape()[1], N = ids.numel();
   // An owned copy: the caller may refill its ids buffer (next batch) before this graph's backward.
-  const Tensor idc = detail::copy_contiguous(ids.detach());
+  const Tensor idc = on_device(ids) ? detail::device_to_host(ids) : detail::copy_contiguous(ids.detach());
   const int32_t* id = idc.data<int32_t>();
   for (int64_t n = 0; n < N; ++n)
     MOA_CHECK(id[n] >= 0 && id[n] < V, IndexError, "embedding: id ", id[n], " at position ",
@@ -35,6 +35,21 @@ inline Tensor embedding(const Tensor& weight, const Tensor& ids) {
   const Tensor wc = weight.detach().contiguous();
   Shape out_shape = ids.shape();
   out_shape.push_back(C);
+  if (on_device(weight)) {
+    detail::check_device_f32(weight, "embedding");
+    const Device dev = weight.device();
+    const Tensor idd = detail::ids_on(idc, dev);
+    Tensor out = Tensor::empty(out_shape, weight.dtype(), dev);
+    if (N > 0 && C > 0) backend(dev).embedding_forward(out.data<float>(), idd.data<int32_t>(), wc.data<float>(), N, C);
+    if (autograd::needs_graph({&weight}))
+      autograd::record("embedding", out, {weight}, [idd, V, C, N](const Tensor& g, const std::vector<char>&) {
+        Tensor dw = Tensor::zeros({V, C}, DType::f32, g.device());
+        if (N > 0 && C > 0)
+          backend(g.device()).embedding_backward(dw.data<float>(), g.data<float>(), idd.data<int32_t>(), N, C);
+        return std::vector<Tensor>{dw};
+      });
+    return out;
+  }
   Tensor out = Tensor::empty(out_shape, weight.dtype());  // (N, C)
   detail::dispatch_float(weight.dtype(), "embedding", [&]<class T>() {
     kernels::cpu::embedding_forward<T>(out.data<T>(), id, wc.data<T>(), N, C);

@@ -11,6 +11,7 @@
 
 #include <vector>
 
+#include "moa/autograd/grad_mode.hpp"
 #include "moa/autograd/node.hpp"
 #include "moa/core/tensor.hpp"
 #include "moa/kernels/cpu/gemm.hpp"
@@ -34,6 +35,107 @@ inline ExpertGroups group_by_expert(const std::vector<int32_t>& experts, int64_t
   std::vector<int64_t> fill(g.begin.begin(), g.begin.end() - 1);
   for (std::size_t j = 0; j < experts.size(); ++j) g.order[static_cast<std::size_t>(fill[experts[j]]++)] = static_cast<int64_t>(j);
   return g;
+}
+
+// The device path: one segmented product for all experts (DeviceBackend::grouped_lora_*), with the
+// assignments sorted by expert on the host and uploaded with the segment offsets.
+inline Tensor grouped_lora_device(const Tensor& x, const std::vector<Tensor>& A, const std::vector<Tensor>& B,
+                                  const std::vector<int32_t>& rows, const Tensor& weights, double scale,
+                                  const ExpertGroups& groups) {
+  check_device_f32(x, "grouped_lora");
+  const Device dev = x.device();
+  const int64_t E = static_cast<int64_t>(A.size()), N = x.size(0), In = x.size(1), Out = B[0].size(0);
+  const int64_t R = A[0].size(0), M = static_cast<int64_t>(rows.size());
+  for (int64_t e = 0; e < E; ++e) {
+    MOA_CHECK(A[e].size(0) == R, ShapeError, "grouped_lora: on ", dev.str(), " every expert needs one rank, got ", R,
+              " and ", A[e].size(0), " (expert ", e, ")");
+    MOA_CHECK(A[e].device() == dev && B[e].device() == dev, DeviceError, "grouped_lora: expert ", e,
+              " is not on ", dev.str());
+  }
+  std::vector<int32_t> rows_g(static_cast<std::size_t>(M)), order(static_cast<std::size_t>(M)), seg;
+  std::vector<char> seen(static_cast<std::size_t>(N), 0);
+  bool unique = true;
+  for (int64_t j = 0; j < M; ++j) {
+    order[j] = static_cast<int32_t>(groups.order[j]);
+    rows_g[j] = rows[groups.order[j]];
+    unique = unique && !seen[rows_g[j]];
+    seen[rows_g[j]] = 1;
+  }
+  for (int64_t b : groups.begin) seg.push_back(static_cast<int32_t>(b));
+  const Tensor rows_d = Tensor::from_vector(rows_g).to(dev), seg_d = Tensor::from_vector(seg).to(dev);
+  const Tensor order_d = Tensor::from_vector(order).to(dev);
+  const Tensor xc = x.contiguous();
+  Tensor wg;  // weights in grouped order
+  if (weights.defined() && M > 0) {
+    NoGradGuard no_grad;
+    MOA_CHECK(weights.device() == dev, DeviceError, "grouped_lora: expected weights on ", dev.str());
+    const Tensor wc = weights.contiguous();
+    wg = Tensor::empty({M}, DType::f32, dev);
+    backend(dev).take(wg.data<float>(), wc.data<float>(), order_d.data<int32_t>(), M);
+  }
+  std::vector<Tensor> Ac, Bc;
+  std::vector<const float*> pA, pB;
+  for (int64_t e = 0; e < E; ++e) {
+    Ac.push_back(A[e].contiguous());
+    Bc.push_back(B[e].contiguous());
+    pA.push_back(Ac.back().data<float>());
+    pB.push_back(Bc.back().data<float>());
+  }
+  const GroupedLoRADims dims{N, M, E, In, Out, R};
+  Tensor out = Tensor::zeros({N, Out}, DType::f32, dev);
+  Tensor h = Tensor::empty({M, R}, DType::f32, dev);
+  if (M > 0)
+    backend(dev).grouped_lora_forward(out.data<float>(), h.data<float>(), xc.data<float>(), pA, pB,
+                                      rows_d.data<int32_t>(), seg_d.data<int32_t>(),
+                                      wg.defined() ? wg.data<float>() : nullptr, static_cast<float>(scale), dims, unique);
+  std::vector<Tensor> inputs{x, weights};
+  inputs.insert(inputs.end(), A.begin(), A.end());
+  inputs.insert(inputs.end(), B.begin(), B.end());
+  if (autograd::needs_graph(inputs)) {
+    std::vector<Tensor> Ad, Bd;
+    for (int64_t e = 0; e < E; ++e) {
+      Ad.push_back(Ac[e].detach());
+      Bd.push_back(Bc[e].detach());
+    }
+    autograd::record(
+        "grouped_lora", out, inputs,
+        [xd = xc.detach(), wg, h, Ad, Bd, rows_d, seg_d, order_d, begin = groups.begin, scale, dims, unique](
+            const Tensor& g, const std::vector<char>& needs) {
+          const int64_t E = dims.E, M = dims.M;
+          const Device dev = g.device();
+          std::vector<Tensor> r(static_cast<std::size_t>(2 + 2 * E));
+          if (needs[0]) r[0] = Tensor::zeros({dims.N, dims.In}, DType::f32, dev);
+          if (needs[1]) r[1] = Tensor::zeros({M}, DType::f32, dev);
+          if (M == 0) return r;
+          std::vector<float*> dA(static_cast<std::size_t>(E), nullptr), dB(static_cast<std::size_t>(E), nullptr);
+          std::vector<const float*> pA, pB;
+          for (int64_t e = 0; e < E; ++e) {
+            pA.push_back(Ad[e].data<float>());
+            pB.push_back(Bd[e].data<float>());
+            if (begin[e + 1] == begin[e]) continue;  // no rows: no gradient for this expert
+            if (needs[2 + e]) {
+              r[2 + e] = Tensor::zeros(Ad[e].shape(), DType::f32, dev);
+              dA[e] = r[2 + e].data<float>();
+            }
+            if (needs[2 + E + e]) {
+              r[2 + E + e] = Tensor::zeros(Bd[e].shape(), DType::f32, dev);
+              dB[e] = r[2 + E + e].data<float>();
+            }
+          }
+          Tensor dh = Tensor::empty({M, dims.R}, DType::f32, dev);
+          Tensor dwg = needs[1] ? Tensor::empty({M}, DType::f32, dev) : Tensor();
+          backend(dev).grouped_lora_backward(needs[0] ? r[0].data<float>() : nullptr, dA, dB,
+                                             dwg.defined() ? dwg.data<float>() : nullptr, dh.data<float>(),
+                                             g.contiguous().data<float>(), xd.data<float>(), h.data<float>(), pA, pB,
+                                             rows_d.data<int32_t>(), seg_d.data<int32_t>(),
+                                             wg.defined() ? wg.data<float>() : nullptr, static_cast<float>(scale),
+                                             dims, unique);
+          if (dwg.defined())  // back to the caller's order: dw[order[j]] = dwg[j]
+            backend(dev).put_add(r[1].data<float>(), order_d.data<int32_t>(), dwg.data<float>(), M);
+          return r;
+        });
+  }
+  return out;
 }
 
 }  // namespace detail
@@ -68,6 +170,7 @@ inline Tensor grouped_lora(const Tensor& x, const std::vector<Tensor>& A, const 
               "grouped_lora: expected weights (", M, "), got ", shape_str(weights.shape()));
 
   const detail::ExpertGroups groups = detail::group_by_expert(experts, E);
+  if (on_device(x)) return detail::grouped_lora_device(x, A, B, rows, weights, scale, groups);
   const Tensor xc = x.contiguous();
   const Tensor wc = weights.defined() ? weights.contiguous() : Tensor();
   std::vector<Tensor> Ac, Bc, H(static_cast<std::size_t>(E));

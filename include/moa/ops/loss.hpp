@@ -22,8 +22,8 @@ inline Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t
             "cross_entropy: expected logits of dtype f32 or f64, got ", dtype_name(logits.dtype()));
   MOA_CHECK(targets.dtype() == DType::i32, ValueError, "cross_entropy: expected targets of dtype i32, got ",
             dtype_name(targets.dtype()));
-  MOA_CHECK(logits.device().type == DeviceType::cpu && targets.device().type == DeviceType::cpu, DeviceError,
-            "cross_entropy: expected cpu tensors, got logits on ", logits.device().str(), " and targets on ",
+  MOA_CHECK(!on_device(targets) || targets.device() == logits.device(), DeviceError,
+            "cross_entropy: expected targets on the cpu or on the logits' device ", logits.device().str(), ", got ",
             targets.device().str());
   MOA_CHECK(logits.dim() >= 2 && logits.shape().back() >= 1, ShapeError,
             "cross_entropy: expected logits of shape [N, V] or [B, T, V] with V >= 1, got ", shape_str(logits.shape()));
@@ -31,7 +31,8 @@ inline Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t
   MOA_CHECK(targets.shape() == rows, ShapeError, "cross_entropy: expected targets of shape ", shape_str(rows),
             " for logits ", shape_str(logits.shape()), ", got ", shape_str(targets.shape()));
   const int64_t V = logits.shape().back(), N = numel_of(rows);
-  const Tensor tc = detail::copy_contiguous(targets.detach());  // owned: the caller may refill its buffer
+  // Owned (the caller may refill its buffer) and on the host, where the range check runs.
+  const Tensor tc = on_device(targets) ? detail::device_to_host(targets) : detail::copy_contiguous(targets.detach());
   const int32_t* t = tc.data<int32_t>();
   for (int64_t n = 0; n < N; ++n)
     MOA_CHECK(t[n] == ignore_index || (t[n] >= 0 && t[n] < V), IndexError, "cross_entropy: target ", t[n],
@@ -39,6 +40,25 @@ inline Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t
               " is out of range for logits ", shape_str(logits.shape()), " (expected 0 <= target < V = ", V,
               ", or ignore_index = ", ignore_index, ")");
   const Tensor xc = logits.detach().contiguous();
+  if (on_device(logits)) {
+    detail::check_device_f32(logits, "cross_entropy");
+    const Device dev = logits.device();
+    const Tensor td = detail::ids_on(tc, dev);
+    Tensor lse = Tensor::empty({N}, logits.dtype(), dev);
+    Tensor out = Tensor::empty({}, logits.dtype(), dev);
+    backend(dev).cross_entropy_forward(out.data<float>(), lse.data<float>(), xc.data<float>(), td.data<int32_t>(), N, V,
+                                       ignore_index);
+    if (autograd::needs_graph({&logits}))
+      autograd::record("cross_entropy", out, {logits},
+                       [xs = xc.detach(), lse, td, N, V, ignore_index](const Tensor& g, const std::vector<char>&) {
+                         Tensor dx = Tensor::empty(xs.shape(), xs.dtype(), xs.device());
+                         backend(xs.device()).cross_entropy_backward(dx.data<float>(), g.data<float>(),
+                                                                     xs.data<float>(), lse.data<float>(),
+                                                                     td.data<int32_t>(), N, V, ignore_index);
+                         return std::vector<Tensor>{dx};
+                       });
+    return out;
+  }
   Tensor lse = Tensor::empty({N}, logits.dtype());  // (N)
   Tensor out = Tensor::empty({}, logits.dtype());
   detail::dispatch_float(logits.dtype(), "cross_entropy", [&]<class T>() {

@@ -63,6 +63,29 @@ void batched_gemm(const MatrixOperand& a, const MatrixOperand& b, Tensor& c, con
     return true;
   };
   int64_t step_a = 0, step_b = 0;
+  if (on_device(c)) {  // one strided-batched product when the batch strides are uniform, else one per batch
+    DeviceBackend& dev = backend(c.device());
+    const MatmulPrecision prec = matmul_precision();
+    if (nb == 0 || M == 0 || N == 0) return;
+    if (uniform(sa, step_a) && uniform(sb, step_b)) {
+      dev.gemm(a.trans, b.trans, nb, M, N, K, 1.0f, reinterpret_cast<const float*>(pa), a.ld, step_a,
+               reinterpret_cast<const float*>(pb), b.ld, step_b, 0.0f, reinterpret_cast<float*>(pc), N, M * N, prec);
+      return;
+    }
+    for (int64_t i = 0; i < nb; ++i) {
+      int64_t oa = 0, ob = 0, rem = i;
+      for (std::size_t d = batch.size(); d-- > 0;) {
+        const int64_t k = rem % batch[d];
+        rem /= batch[d];
+        oa += k * sa[d];
+        ob += k * sb[d];
+      }
+      dev.gemm(a.trans, b.trans, 1, M, N, K, 1.0f, reinterpret_cast<const float*>(pa + oa), a.ld, 0,
+               reinterpret_cast<const float*>(pb + ob), b.ld, 0, 0.0f, reinterpret_cast<float*>(pc + i * M * N), N, 0,
+               prec);
+    }
+    return;
+  }
   if constexpr (std::is_same_v<T, float>) {
     if (uniform(sa, step_a) && uniform(sb, step_b)) {
       kernels::cpu::sgemm_batched(a.trans, b.trans, nb, M, N, K, 1.0f, pa, a.ld, step_a, pb, b.ld, step_b, 0.0f, pc,
@@ -83,12 +106,29 @@ void batched_gemm(const MatrixOperand& a, const MatrixOperand& b, Tensor& c, con
   }
 }
 
+// One product C = alpha op(A) op(B) + beta C on the host or on `dev` (pointers of that device).
+template <class T>
+void gemm_on(Device dev, bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+             const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (dev.type == DeviceType::cpu) {
+    kernels::cpu::gemm<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (M > 0 && N > 0)
+      backend(dev).gemm(ta, tb, 1, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, matmul_precision());
+  } else {
+    throw ValueError(cat("gemm: expected f32 on ", dev.str()));
+  }
+}
+
 inline void check_matmul_inputs(const Tensor& a, const Tensor& b, const char* op) {
   MOA_CHECK(a.defined() && b.defined(), ValueError, op, ": expected two defined tensors");
   MOA_CHECK(a.dtype() == b.dtype() && is_floating(a.dtype()), ValueError, op,
             ": expected floating operands of one dtype, got ", dtype_name(a.dtype()), " and ", dtype_name(b.dtype()));
   MOA_CHECK(a.device() == b.device(), DeviceError, op, ": expected tensors on one device, got ", a.device().str(),
             " and ", b.device().str());
+  if (on_device(a)) check_device_f32(a, op);
 }
 
 // The product without autograd.
@@ -178,6 +218,19 @@ inline Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias =
   }
   const int64_t rows = x2.shape()[0];
   const detail::MatrixOperand mx = detail::matrix_operand(x2);
+  if (on_device(x)) {
+    if (rows > 0 && out_f > 0) {
+      DeviceBackend& dev = backend(x.device());
+      float beta = 0.0f;
+      if (bias.defined()) {  // bias rows first (a broadcast copy); the product accumulates onto them
+        dev.copy_strided(DType::f32, out.data_ptr(), {out_f, 1}, DType::f32, bias.data_ptr(), {0, bias.stride(0)},
+                         {rows, out_f});
+        beta = 1.0f;
+      }
+      dev.gemm(mx.trans, true, 1, rows, out_f, in, 1.0f, static_cast<const float*>(mx.t.data_ptr()), mx.ld, 0,
+               w.data<float>(), in, 0, beta, out.data<float>(), out_f, 0, matmul_precision());
+    }
+  } else
   detail::dispatch_float(x.dtype(), "linear", [&]<class T>() {
     T* o = out.data<T>();
     T beta = T(0);

@@ -20,7 +20,7 @@ inline int64_t norm_check_input(const Tensor& x, const char* op) {
   MOA_CHECK(x.defined(), ValueError, op, ": expected a defined input x, got an undefined tensor");
   MOA_CHECK(is_floating(x.dtype()) && x.dtype() != DType::bf16, ValueError, op,
             ": expected x of dtype f32 or f64, got ", dtype_name(x.dtype()));
-  MOA_CHECK(x.device().type == DeviceType::cpu, DeviceError, op, ": expected a cpu tensor, got ", x.device().str());
+  if (on_device(x)) check_device_f32(x, op);
   MOA_CHECK(x.dim() >= 1 && x.shape().back() >= 1, ShapeError, op,
             ": expected x of shape [..., C] with C >= 1, got ", shape_str(x.shape()));
   return x.shape().back();
@@ -52,9 +52,15 @@ inline Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bi
   const Tensor xc = x.detach().contiguous();
   const Tensor wc = weight.detach().contiguous();
   const Tensor bc = bias.defined() ? bias.detach().contiguous() : Tensor();
-  Tensor out = Tensor::empty(x.shape(), x.dtype());
-  Tensor mean = Tensor::empty(detail::rows_shape(x.shape()), x.dtype());  // (N)
-  Tensor rstd = Tensor::empty(detail::rows_shape(x.shape()), x.dtype());  // (N)
+  Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
+  Tensor mean = Tensor::empty(detail::rows_shape(x.shape()), x.dtype(), x.device());  // (N)
+  Tensor rstd = Tensor::empty(detail::rows_shape(x.shape()), x.dtype(), x.device());  // (N)
+  if (on_device(x)) {
+    if (N > 0)
+      backend(x.device()).layer_norm_forward(out.data<float>(), mean.data<float>(), rstd.data<float>(),
+                                             xc.data<float>(), wc.data<float>(),
+                                             bc.defined() ? bc.data<float>() : nullptr, N, C, static_cast<float>(eps));
+  } else
   detail::dispatch_float(x.dtype(), "layer_norm", [&]<class T>() {
     kernels::cpu::layer_norm_forward<T>(out.data<T>(), mean.data<T>(), rstd.data<T>(), xc.data<T>(), wc.data<T>(),
                                         bc.defined() ? bc.data<T>() : nullptr, N, C, static_cast<T>(eps));
@@ -64,9 +70,18 @@ inline Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bi
                      [xs = xc.detach(), ws = wc.detach(), mean, rstd, N, C](const Tensor& g,
                                                                              const std::vector<char>& needs) {
                        std::vector<Tensor> grads(3);
-                       if (needs[0]) grads[0] = Tensor::empty(xs.shape(), xs.dtype());
-                       if (needs[1]) grads[1] = Tensor::zeros({C}, xs.dtype());
-                       if (needs[2]) grads[2] = Tensor::zeros({C}, xs.dtype());
+                       const Device dev = xs.device();
+                       if (needs[0]) grads[0] = Tensor::empty(xs.shape(), xs.dtype(), dev);
+                       if (needs[1]) grads[1] = Tensor::zeros({C}, xs.dtype(), dev);
+                       if (needs[2]) grads[2] = Tensor::zeros({C}, xs.dtype(), dev);
+                       if (on_device(xs)) {
+                         auto ptr = [](const Tensor& t) { return t.defined() ? t.data<float>() : nullptr; };
+                         if (N > 0)
+                           backend(dev).layer_norm_backward(ptr(grads[0]), ptr(grads[1]), ptr(grads[2]),
+                                                            g.data<float>(), xs.data<float>(), ws.data<float>(),
+                                                            mean.data<float>(), rstd.data<float>(), N, C);
+                         return grads;
+                       }
                        detail::dispatch_float(xs.dtype(), "layer_norm backward", [&]<class T>() {
                          auto ptr = [](const Tensor& t) { return t.defined() ? t.data<T>() : nullptr; };
                          kernels::cpu::layer_norm_backward<T>(ptr(grads[0]), ptr(grads[1]), ptr(grads[2]),
@@ -88,8 +103,13 @@ inline Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps = 1e-6)
   const int64_t N = x.numel() / C;
   const Tensor xc = x.detach().contiguous();
   const Tensor wc = weight.detach().contiguous();
-  Tensor out = Tensor::empty(x.shape(), x.dtype());
-  Tensor rstd = Tensor::empty(detail::rows_shape(x.shape()), x.dtype());  // (N)
+  Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
+  Tensor rstd = Tensor::empty(detail::rows_shape(x.shape()), x.dtype(), x.device());  // (N)
+  if (on_device(x)) {
+    if (N > 0)
+      backend(x.device()).rms_norm_forward(out.data<float>(), rstd.data<float>(), xc.data<float>(), wc.data<float>(),
+                                           N, C, static_cast<float>(eps));
+  } else
   detail::dispatch_float(x.dtype(), "rms_norm", [&]<class T>() {
     kernels::cpu::rms_norm_forward<T>(out.data<T>(), rstd.data<T>(), xc.data<T>(), wc.data<T>(), N, C,
                                       static_cast<T>(eps));
@@ -98,8 +118,16 @@ inline Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps = 1e-6)
     autograd::record("rms_norm", out, {x, weight},
                      [xs = xc.detach(), ws = wc.detach(), rstd, N, C](const Tensor& g, const std::vector<char>& needs) {
                        std::vector<Tensor> grads(2);
-                       if (needs[0]) grads[0] = Tensor::empty(xs.shape(), xs.dtype());
-                       if (needs[1]) grads[1] = Tensor::zeros({C}, xs.dtype());
+                       const Device dev = xs.device();
+                       if (needs[0]) grads[0] = Tensor::empty(xs.shape(), xs.dtype(), dev);
+                       if (needs[1]) grads[1] = Tensor::zeros({C}, xs.dtype(), dev);
+                       if (on_device(xs)) {
+                         auto ptr = [](const Tensor& t) { return t.defined() ? t.data<float>() : nullptr; };
+                         if (N > 0)
+                           backend(dev).rms_norm_backward(ptr(grads[0]), ptr(grads[1]), g.data<float>(),
+                                                          xs.data<float>(), ws.data<float>(), rstd.data<float>(), N, C);
+                         return grads;
+                       }
                        detail::dispatch_float(xs.dtype(), "rms_norm backward", [&]<class T>() {
                          auto ptr = [](const Tensor& t) { return t.defined() ? t.data<T>() : nullptr; };
                          kernels::cpu::rms_norm_backward<T>(ptr(grads[0]), ptr(grads[1]), g.data<T>(), xs.data<T>(),

@@ -41,6 +41,30 @@ inline Shape reduced_shape(const Shape& s, const std::vector<int64_t>& axes, boo
 template <class T>
 Tensor sum_kernel(const Tensor& x, const std::vector<int64_t>& axes, double scale) {
   const Shape kshape = reduced_shape(x.shape(), axes, true);
+  if (on_device(x)) {  // kept axes first, reduced axes last: one row sum per output element
+    check_device_f32(x, "sum");
+    std::vector<int64_t> order;
+    int64_t cols = 1;
+    for (int64_t i = 0; i < x.dim(); ++i)
+      if (!std::binary_search(axes.begin(), axes.end(), i)) order.push_back(i);
+    for (int64_t a : axes) {
+      order.push_back(a);
+      cols *= x.shape()[a];
+    }
+    const Tensor xp = make_view(x, [&] { Shape s; for (int64_t i : order) s.push_back(x.shape()[i]); return s; }(),
+                                [&] { Strides s; for (int64_t i : order) s.push_back(x.strides()[i]); return s; }(),
+                                x.offset());
+    const Tensor xc = xp.is_contiguous() ? xp : [&] { Tensor c = Tensor::empty(xp.shape(), xp.dtype(), xp.device()); c.copy_(xp); return c; }();
+    Tensor out = Tensor::empty(kshape, x.dtype(), x.device());
+    const int64_t rows = out.numel();
+    if (rows > 0) {
+      if (cols == 0)
+        out.fill_(0.0);
+      else
+        backend(x.device()).sum_rows(out.data<float>(), xc.data<float>(), rows, cols, scale);
+    }
+    return out;
+  }
   Tensor out = Tensor::zeros(kshape, x.dtype(), x.device());
   T* o = out.data<T>();
   const T* px = static_cast<const T*>(x.data_ptr());
@@ -102,7 +126,9 @@ inline Tensor reduce_op(const char* name, const Tensor& x, const std::vector<int
     const Shape in_shape = x.shape();
     autograd::record(name, out, {x}, [in_shape, kshape, scale](const Tensor& g, const std::vector<char>&) {
       Tensor gk = expand(g.view(kshape), in_shape).contiguous();
-      if (scale != 1.0)
+      if (scale != 1.0 && on_device(gk)) {
+        if (gk.numel() > 0) backend(gk.device()).unary(UnaryOp::scale, scale, gk.data<float>(), gk.data<float>(), gk.numel());
+      } else if (scale != 1.0)
         dispatch_float(gk.dtype(), "mean", [&]<class T>() {
           T* p = gk.data<T>();
           for (int64_t i = 0; i < gk.numel(); ++i) p[i] *= static_cast<T>(scale);

@@ -66,6 +66,21 @@ inline Tensor rope(const Tensor& x, int64_t start = 0, double theta = 10000.0) {
   MOA_CHECK(start >= 0 && theta > 0, ValueError, "rope: expected start >= 0 and theta > 0, got start ", start,
             " and theta ", theta);
   const int64_t B = x.size(0), H = x.size(1), Tn = x.size(2), D = x.size(3);
+  if (on_device(x)) {
+    detail::check_device_f32(x, "rope");
+    const Tensor xc = x.contiguous();
+    Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
+    if (out.numel() > 0)
+      backend(x.device()).rope(out.data<float>(), xc.data<float>(), B * H, Tn, D, start, theta, +1);
+    if (autograd::needs_graph({&x}))
+      autograd::record("rope", out, {x}, [B, H, Tn, D, start, theta](const Tensor& g, const std::vector<char>&) {
+        Tensor gx = Tensor::empty(g.shape(), g.dtype(), g.device());
+        if (gx.numel() > 0)
+          backend(g.device()).rope(gx.data<float>(), g.data<float>(), B * H, Tn, D, start, theta, -1);
+        return std::vector<Tensor>{gx};
+      });
+    return out;
+  }
   std::vector<double> cos_t, sin_t;
   detail::rope_tables(Tn, D, start, theta, cos_t, sin_t);
   const Tensor xc = x.contiguous();

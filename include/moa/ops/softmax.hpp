@@ -21,13 +21,24 @@ inline Tensor softmax_impl(const Tensor& x, int64_t axis, bool log) {
   const char* op = log ? "log_softmax" : "softmax";
   MOA_CHECK(x.defined(), ValueError, op, ": expected a defined tensor, got an undefined one");
   MOA_CHECK(x.dim() >= 1, ShapeError, op, ": expected a tensor of rank >= 1, got shape ", shape_str(x.shape()));
-  MOA_CHECK(x.device().type == DeviceType::cpu, DeviceError, op, ": expected a cpu tensor, got ", x.device().str());
   const int64_t ax = normalize_axis(axis, x.dim(), op);
   if (ax != x.dim() - 1) return softmax_impl(x.transpose(ax, -1), -1, log).transpose(ax, -1).contiguous();
 
   const Tensor xc = x.detach().contiguous();
   const int64_t C = x.shape().back();
   const int64_t N = C == 0 ? 0 : x.numel() / C;
+  if (on_device(x)) {
+    check_device_f32(x, op);
+    Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
+    if (N > 0) backend(x.device()).softmax_forward(log, out.data<float>(), xc.data<float>(), N, C);
+    if (autograd::needs_graph({&x}))
+      autograd::record(op, out, {x}, [y = out.detach(), N, C, log](const Tensor& g, const std::vector<char>&) {
+        Tensor dx = Tensor::empty(y.shape(), y.dtype(), y.device());
+        if (N > 0) backend(y.device()).softmax_backward(log, dx.data<float>(), g.data<float>(), y.data<float>(), N, C);
+        return std::vector<Tensor>{dx};
+      });
+    return out;
+  }
   Tensor out = Tensor::empty(x.shape(), x.dtype());
   dispatch_float(x.dtype(), op, [&]<class T>() {
     if (log)

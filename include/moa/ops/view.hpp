@@ -174,6 +174,18 @@ inline Tensor Tensor::to(DType target) const {
   return out;
 }
 
+inline Tensor Tensor::to(Device target) const {
+  if (target == device()) return *this;
+  Tensor out = Tensor::empty(shape(), dtype(), target);
+  out.copy_(*this);
+  if (autograd::needs_graph({this})) {
+    const Device src = device();
+    autograd::record("to_device", out, {*this},
+                     [src](const Tensor& g, const std::vector<char>&) { return std::vector<Tensor>{g.to(src)}; });
+  }
+  return out;
+}
+
 // Free-function spellings.
 inline Tensor reshape(const Tensor& x, const Shape& s) { return x.reshape(s); }
 inline Tensor transpose(const Tensor& x, int64_t a, int64_t b) { return x.transpose(a, b); }

@@ -48,6 +48,20 @@ class AdamW {
       Tensor& p = params_[i];
       const Tensor g = p.grad();
       if (!g.defined()) continue;
+      if (on_device(p)) {  // the same arithmetic in one kernel; moments follow the parameter's device
+        detail::check_device_f32(p, "AdamW");
+        if (m_[i].device() != p.device()) m_[i] = m_[i].to(p.device());
+        if (v_[i].device() != p.device()) v_[i] = v_[i].to(p.device());
+        const Tensor gc = g.device() == p.device() ? g.contiguous() : g.to(p.device()).contiguous();
+        if (p.numel() > 0)
+          backend(p.device()).adamw_step(p.data<float>(), m_[i].data<float>(), v_[i].data<float>(), gc.data<float>(),
+                                         p.numel(), config_.lr, config_.beta1, config_.beta2, config_.eps,
+                                         config_.weight_decay, step_);
+        ++p.storage()->version;
+        continue;
+      }
+      if (m_[i].device() != p.device()) m_[i] = m_[i].to(p.device());
+      if (v_[i].device() != p.device()) v_[i] = v_[i].to(p.device());
       detail::dispatch_float(p.dtype(), "AdamW", [&]<class T>() {
         T* w = p.data<T>();
         T* m = m_[i].data<T>();

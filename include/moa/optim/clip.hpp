@@ -17,6 +17,12 @@ inline double clip_grad_norm(const std::vector<Tensor>& params, double max_norm,
   for (const Tensor& p : params) {
     const Tensor g = p.grad();
     if (!g.defined()) continue;
+    if (on_device(g)) {
+      detail::check_device_f32(g, "clip_grad_norm");
+      const Tensor gc = g.contiguous();
+      if (gc.numel() > 0) total += backend(g.device()).sum_squares(gc.data<float>(), gc.numel());
+      continue;
+    }
     detail::dispatch_float(g.dtype(), "clip_grad_norm", [&]<class T>() {
       const T* d = g.data<T>();
       double s = 0.0;
@@ -32,6 +38,11 @@ inline double clip_grad_norm(const std::vector<Tensor>& params, double max_norm,
     for (const Tensor& p : params) {
       Tensor g = p.grad();
       if (!g.defined()) continue;
+      if (on_device(g)) {  // gradients are owned contiguous tensors (the engine makes them so)
+        if (g.numel() > 0)
+          backend(g.device()).unary(UnaryOp::scale, coef, g.data<float>(), g.data<float>(), g.numel());
+        continue;
+      }
       detail::dispatch_float(g.dtype(), "clip_grad_norm", [&]<class T>() {
         T* d = g.data<T>();
         for (int64_t i = 0; i < g.numel(); ++i) d[i] *= static_cast<T>(coef);

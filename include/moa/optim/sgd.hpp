@@ -4,7 +4,9 @@
 
 #include <vector>
 
+#include "moa/autograd/grad_mode.hpp"
 #include "moa/core/tensor.hpp"
+#include "moa/ops/elementwise.hpp"
 
 namespace moa::optim {
 
@@ -38,6 +40,17 @@ class SGD {
       if (!g.defined()) continue;
       const bool first = !buf_[i].defined();
       if (config_.momentum != 0 && first) buf_[i] = Tensor::zeros(p.shape(), p.dtype(), p.device());
+      if (on_device(p)) {  // the same update composed from device ops
+        NoGradGuard no_grad;
+        const Tensor w = p.detach();
+        Tensor d = config_.weight_decay != 0 ? add(g, scale(w, config_.weight_decay)) : g;
+        if (config_.momentum != 0) {
+          buf_[i].copy_(first ? d : add(scale(buf_[i], config_.momentum), scale(d, 1.0 - config_.dampening)));
+          d = config_.nesterov ? add(d, scale(buf_[i], config_.momentum)) : buf_[i];
+        }
+        p.detach().copy_(sub(w, scale(d, config_.lr)));
+        continue;
+      }
       detail::dispatch_float(p.dtype(), "SGD", [&]<class T>() {
         T* w = p.data<T>();
         const T* gp = g.data<T>();
