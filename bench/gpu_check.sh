@@ -44,15 +44,32 @@ cmake_minimum_required(VERSION 3.25)
 project(moa_gpu_check LANGUAGES CXX)
 enable_testing()
 set(PROJECT_SOURCE_DIR "$root")
+# The header-only library with what the machine has (moa.hpp needs nlohmann-json and zlib headers).
+add_library(moa INTERFACE)
+target_include_directories(moa INTERFACE "$root/include")
+target_compile_features(moa INTERFACE cxx_std_20)
+find_package(nlohmann_json QUIET)
+if(nlohmann_json_FOUND)
+  target_link_libraries(moa INTERFACE nlohmann_json::nlohmann_json)
+endif()
+find_package(ZLIB QUIET)
+if(ZLIB_FOUND)
+  target_link_libraries(moa INTERFACE ZLIB::ZLIB)
+endif()
 add_subdirectory("$root/tests/cuda" cuda)
 CML
   timeout 120 cmake -S "$wrapper" -B "$build" -DCMAKE_BUILD_TYPE=Release -DMOA_CUDA=ON \
     -DCMAKE_CUDA_ARCHITECTURES="$arch" || { echo "gpu_check: configure failed" >&2; exit 1; }
 fi
 
-step "build moa_cuda_tests and bench_cuda"
+step "build moa_cuda_tests, moa_cuda_device_tests, bench_cuda and bench_cuda_lm"
 tb=$(date +%s)
+# The kernel tests and benchmark first: they need nothing but CUDA and doctest.
 timeout 300 cmake --build "$build" -j"$jobs" --target moa_cuda_tests bench_cuda || { echo "gpu_check: build failed" >&2; exit 1; }
+# The library on the GPU (needs the headers of nlohmann-json and zlib as well).
+lib_ok=1
+timeout 300 cmake --build "$build" -j"$jobs" --target moa_cuda_device_tests bench_cuda_lm || {
+  lib_ok=0; echo "gpu_check: moa_cuda_device_tests / bench_cuda_lm did not build here (see above)" >&2; }
 build_s=$(( $(date +%s) - tb ))
 
 step "ctest -L cuda"
@@ -66,12 +83,23 @@ step "bench_cuda"
 bench_bin=$(find "$build" -name bench_cuda -type f -perm -u+x | head -1)
 bench_out=$(timeout 180 "$bench_bin" 2>&1)
 bench_rc=$?
+lm_out="(bench_cuda_lm not built)"
+lm_rc=1
+if [ "$lib_ok" = 1 ]; then
+  step "bench_cuda_lm (GPT-2 124M shape, batch 16 x 512)"
+  lm_bin=$(find "$build" -name bench_cuda_lm -type f -perm -u+x | head -1)
+  lm_out=$(timeout 240 "$lm_bin" --batch 16 --seq 512 --steps 10 2>&1)
+  lm_rc=$?
+fi
 
 echo
 echo "## moa GPU check ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%Y-%m-%d))"
 echo
 echo "build: ${build_s}s; ctest -L cuda: $([ $tests_rc = 0 ] && echo passed || echo "FAILED (rc $tests_rc)");" \
-     "bench: $([ $bench_rc = 0 ] && echo ok || echo "FAILED (rc $bench_rc)"); total $(( $(date +%s) - t0 ))s"
+     "bench: $([ $bench_rc = 0 ] && echo ok || echo "FAILED (rc $bench_rc)");" \
+     "bench_cuda_lm: $([ $lm_rc = 0 ] && echo ok || echo "FAILED (rc $lm_rc)"); total $(( $(date +%s) - t0 ))s"
 echo
 echo "$bench_out"
-[ $tests_rc = 0 ] && [ $bench_rc = 0 ]
+echo
+echo "$lm_out"
+[ $tests_rc = 0 ] && [ $bench_rc = 0 ] && [ $lm_rc = 0 ]

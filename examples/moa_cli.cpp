@@ -30,6 +30,12 @@
 
 namespace fs = std::filesystem;
 
+#ifdef MOA_WITH_CUDA
+namespace moa::cuda {
+bool linked();  // examples/cuda_backend.cu: the CUDA backend, registered at start-up
+}
+#endif
+
 namespace {
 
 std::string read_all(std::istream& in) { return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()}; }
@@ -389,6 +395,9 @@ int main(int argc, char** argv) {
 
   CLI11_PARSE(app, argc, argv);
   if (threads > 0) moa::set_num_threads(threads);
+#ifdef MOA_WITH_CUDA
+  (void)moa::cuda::linked();
+#endif
   try {
     g_device = moa::parse_device(device);
     if (g_device.type != moa::DeviceType::cpu) (void)moa::backend(g_device);  // fail early with the reason

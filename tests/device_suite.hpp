@@ -12,12 +12,15 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <cmath>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "moa/moa.hpp"
+#include "moa/train/lm_trainer.hpp"
 
 namespace moa::device_suite {
 
@@ -344,6 +347,51 @@ inline void generation(Device dev) {
   // a batch with prompts of different lengths (row-by-row prefill into the batch cache)
   const std::vector<std::vector<int32_t>> prompts{{1, 2, 3}, {4, 5}, {6}};
   CHECK(eval::generate(md, prompts, go) == eval::generate(mc, prompts, go));
+}
+
+// train_lm on the device: the logged losses equal the cpu's; a run checkpointed on the device and
+// resumed on a fresh device model (other init: everything must come from the checkpoint) continues
+// as the same two runs on the cpu do.
+inline void trainer(Device dev, const std::filesystem::path& dir, double tol) {
+  std::vector<int32_t> stream;
+  for (int i = 0; i < 400; ++i) stream.push_back((7 * i + i / 5) % 23);
+  const train::LMTrainOptions opt{.steps = 6, .adamw = {.lr = 1e-2, .eps = 1e-1}, .min_lr = 1e-3, .warmup_steps = 1,
+                                  .eval_every = 0, .log_every = 1, .seed = 3, .quiet = true};
+  const auto valid = train::PackedTokens(stream, 2, 8).sequential(2);
+  struct Run {
+    train::TrainResult first, resumed;
+    std::unique_ptr<nn::TransformerLM> model;
+  };
+  auto run = [&](Device d, const std::filesystem::path& ck) {
+    std::filesystem::remove_all(ck);
+    Run r;
+    nn::TransformerLM m1(tiny(true), 8);
+    m1.to(d);
+    train::PackedTokens s1(stream, 2, 8);
+    train::LMTrainOptions o1 = opt;
+    o1.steps = 3;
+    o1.checkpoint_dir = ck;
+    r.first = train::train_lm(m1, s1, valid, o1);
+    r.model = std::make_unique<nn::TransformerLM>(tiny(true), 99);
+    r.model->to(d);
+    train::PackedTokens s2(stream, 2, 8);
+    train::LMTrainOptions o2 = opt;
+    o2.checkpoint_dir = ck;
+    r.resumed = train::train_lm(*r.model, s2, valid, o2);
+    std::filesystem::remove_all(ck);
+    return r;
+  };
+  const Run c = run(Device::cpu(), dir / "cpu"), g = run(dev, dir / "device");
+  CHECK(g.resumed.start_step == 3);
+  REQUIRE(g.first.history.size() == 3);
+  REQUIRE(g.resumed.history.size() == 3);
+  for (std::size_t i = 0; i < 3; ++i) {
+    CHECK(std::abs(g.first.history[i].loss - c.first.history[i].loss) <= 1e-5 * tol * c.first.history[i].loss);
+    CHECK(std::abs(g.resumed.history[i].loss - c.resumed.history[i].loss) <= 1e-5 * tol * c.resumed.history[i].loss);
+  }
+  REQUIRE(g.resumed.final_val_loss.has_value());
+  CHECK(std::abs(*g.resumed.final_val_loss - *c.resumed.final_val_loss) <= 1e-5 * tol * *c.resumed.final_val_loss);
+  params_close(*g.model, *c.model, 1e-4 * tol);
 }
 
 }  // namespace moa::device_suite

@@ -6,8 +6,9 @@
 // that the host cannot dereference: each is the real host address plus 2^62, a non-canonical x86-64
 // address, so any code that reads or writes "device" memory from the host (instead of going through
 // the backend) crashes the test at once. Only the backend's own methods translate them back.
-// Registered as DeviceType::cuda by MockDeviceScope (for the scope of a test), and refused when a real
-// CUDA backend is installed (the real one is tested by tests/cuda on a GPU).
+// Registered as DeviceType::cuda by MockDeviceScope for the scope of a test (the previous backend is
+// restored after; declare the scope before any tensor of the test). The real CUDA backend runs the
+// same suite in tests/cuda on a GPU.
 #pragma once
 
 #include <cmath>

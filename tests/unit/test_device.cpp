@@ -56,3 +56,8 @@ TEST_CASE("device (mock): batched generation with the KV cache on the device") {
   testing::MockDeviceScope mock;
   device_suite::generation(Device::cuda());
 }
+
+TEST_CASE("device (mock): train_lm with a checkpoint written on the device and resumed on a fresh model") {
+  testing::MockDeviceScope mock;
+  device_suite::trainer(Device::cuda(), std::filesystem::temp_directory_path() / "moa_test_device_trainer", 1.0);
+}

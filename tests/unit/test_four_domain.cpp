@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "four_domain.hpp"
+#include "mock_device.hpp"
 #include "test_util.hpp"
 
 using namespace moa;
@@ -171,5 +172,29 @@ TEST_CASE("four-domain: a tiny run writes the report; interrupted and resumed, i
   // Without data: a clear error naming what is missing.
   o.data_dir = root / "nothing";
   test::check_throws_with<Error>([&] { (void)fd::run(o); }, {"nothing"});
+  fs::remove_all(root);
+}
+
+TEST_CASE("four-domain: the tiny run with --device on a (mock) device gives the cpu's numbers") {
+  const fs::path root = fs::temp_directory_path() / "moa_test_four_domain_device";
+  fs::remove_all(root);
+  write_domains(root / "data");
+  fd::Options o;
+  o.data_dir = root / "data";
+  o.preset = "tiny";
+  o.quiet = true;
+  o.out_dir = root / "cpu";
+  const nlohmann::json cpu = fd::run(o);
+  moa::testing::MockDeviceScope mock;
+  o.out_dir = root / "device";
+  o.device = Device::cuda();
+  const nlohmann::json dev = fd::run(o);
+  CHECK(mock.device.kernel_calls > 1000);
+  for (const char* s : {"base", "single-lora", "moa", "mixed-lora", "moe-lora", "moe-naive"}) {
+    INFO(s);
+    const double a = dev["systems"][s]["average"]["ppl"].get<double>(), b = cpu["systems"][s]["average"]["ppl"].get<double>();
+    CHECK(std::abs(a - b) <= 1e-3 * b);  // float rounding differs in a few reductions; 20 training steps
+  }
+  CHECK(dev["routing"]["confusion"] == cpu["routing"]["confusion"]);
   fs::remove_all(root);
 }

@@ -373,8 +373,6 @@ inline std::string safetensors_header(const TensorMap& tensors, const StringMap&
   for (const auto& [name, t] : tensors) {
     MOA_CHECK(name != "__metadata__", ValueError, "save_safetensors: '__metadata__' cannot name a tensor");
     MOA_CHECK(t.defined(), ValueError, "save_safetensors: tensor '", name, "' is undefined");
-    MOA_CHECK(t.device().type == DeviceType::cpu, DeviceError, "save_safetensors: tensor '", name,
-              "' must be on the cpu, got ", t.device().str());
     plan.push_back({&name, &t, static_cast<std::uint64_t>(t.numel()) * dtype_size(t.dtype())});
   }
   std::stable_sort(plan.begin(), plan.end(), [](const StPlanned& a, const StPlanned& b) {
