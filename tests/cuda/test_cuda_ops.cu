@@ -38,6 +38,7 @@
 #include "moa/kernels/cuda/check.cuh"
 #include "moa/kernels/cuda/embedding.cuh"
 #include "moa/kernels/cuda/gemm.cuh"
+#include "grouped_lora_reference.hpp"
 #include "moa/kernels/cuda/grouped_lora.cuh"
 #include "moa/kernels/cuda/norm.cuh"
 #include "moa/kernels/cuda/softmax_xent.cuh"
@@ -205,27 +206,9 @@ struct LoraCase {
 };
 
 void run_grouped_lora(const LoraCase& c) {
-  // Assignments: unique rows (a permutation of a subset, as MoA) or two per row (top-2, as MoE-LoRA),
-  // grouped by expert; expert 1 (when E > 2) gets no rows.
-  std::vector<std::vector<int32_t>> by_expert(c.E);
-  for (int64_t n = 0; n < c.N; ++n) {
-    const int copies = c.unique ? 1 : 2;
-    for (int k = 0; k < copies; ++k) {
-      int64_t e = randi(0, c.E - 1);
-      if (c.E > 2 && e == 1) e = 0;
-      if (c.unique && n % 5 == 4) continue;  // some rows get no expert at all
-      by_expert[e].push_back(static_cast<int32_t>(n));
-    }
-  }
-  std::vector<int32_t> rows, seg{0};
-  std::vector<int64_t> expert_of;
-  for (int64_t e = 0; e < c.E; ++e) {
-    for (int32_t r : by_expert[e]) {
-      rows.push_back(r);
-      expert_of.push_back(e);
-    }
-    seg.push_back(static_cast<int32_t>(rows.size()));
-  }
+  const moa_test::GroupedAssignments asg = moa_test::grouped_assignments(c.N, c.E, c.unique, randi);
+  const std::vector<int32_t>& rows = asg.rows;
+  const std::vector<int32_t>& seg = asg.seg;
   const int64_t M = static_cast<int64_t>(rows.size());
   const float scale = 0.625f;
   std::vector<float> x = randv(c.N * c.In), y0 = randv(c.N * c.Out), g = randv(c.N * c.Out),
@@ -238,36 +221,9 @@ void run_grouped_lora(const LoraCase& c) {
     dB0[e] = randv(c.Out * c.R);
   }
   // Reference.
-  std::vector<double> y(y0.begin(), y0.end()), h(M * c.R), dx(dx0.begin(), dx0.end()), dw(M);
-  std::vector<std::vector<double>> dA(c.E), dB(c.E);
-  for (int64_t e = 0; e < c.E; ++e) {
-    dA[e].assign(dA0[e].begin(), dA0[e].end());
-    dB[e].assign(dB0[e].begin(), dB0[e].end());
-  }
-  for (int64_t j = 0; j < M; ++j) {
-    const int64_t e = expert_of[j], n = rows[j];
-    const double s = scale * (c.weighted ? w[j] : 1.0);
-    std::vector<double> hj(c.R, 0.0), bt(c.R, 0.0);
-    for (int64_t r = 0; r < c.R; ++r)
-      for (int64_t i = 0; i < c.In; ++i) hj[r] += static_cast<double>(A[e][r * c.In + i]) * x[n * c.In + i];
-    for (int64_t r = 0; r < c.R; ++r) h[j * c.R + r] = hj[r];
-    for (int64_t o = 0; o < c.Out; ++o)
-      for (int64_t r = 0; r < c.R; ++r) {
-        y[n * c.Out + o] += s * B[e][o * c.R + r] * hj[r];
-        bt[r] += static_cast<double>(B[e][o * c.R + r]) * g[n * c.Out + o];  // B^T g
-      }
-    double d = 0.0;
-    for (int64_t r = 0; r < c.R; ++r) d += hj[r] * bt[r];
-    dw[j] = scale * d;
-    for (int64_t r = 0; r < c.R; ++r) {
-      const double dh = s * bt[r];
-      for (int64_t i = 0; i < c.In; ++i) {
-        dx[n * c.In + i] += dh * A[e][r * c.In + i];
-        dA[e][r * c.In + i] += dh * x[n * c.In + i];
-      }
-      for (int64_t o = 0; o < c.Out; ++o) dB[e][o * c.R + r] += s * g[n * c.Out + o] * hj[r];
-    }
-  }
+  const moa_test::GroupedReference ref = moa_test::grouped_lora_reference(
+      c.N, c.In, c.Out, c.R, c.E, asg, x, A, B, y0, g, dx0, dA0, dB0, c.weighted ? &w : nullptr, scale);
+  const auto& [y, h, dx, dw, dA, dB] = ref;
   // Device.
   std::vector<kc::DeviceBuffer<float>> dAe, dBe, ddA, ddB;
   std::vector<const float*> pA, pB;

@@ -170,9 +170,10 @@ class MockDevice final : public DeviceBackend {
       host(out)[r] = static_cast<float>(acc * scale);
     }
   }
-  double sum_squares(const float* x, int64_t n) override {
+  double sum_squares_all(const std::vector<std::pair<const float*, int64_t>>& buffers) override {
     double s = 0;
-    for (int64_t i = 0; i < n; ++i) s += static_cast<double>(host(x)[i]) * host(x)[i];
+    for (const auto& [x, n] : buffers)
+      for (int64_t i = 0; i < n; ++i) s += static_cast<double>(host(x)[i]) * host(x)[i];
     return s;
   }
 

@@ -21,6 +21,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "moa/core/dtype.hpp"
@@ -99,8 +100,10 @@ class DeviceBackend {
                               int64_t n) = 0;
   // out[r] = scale * sum_c x[r, c], x (rows, cols).
   virtual void sum_rows(float* out, const float* x, int64_t rows, int64_t cols, double scale) = 0;
-  // sum_i x[i]^2 in double, returned to the host (synchronises).
-  virtual double sum_squares(const float* x, int64_t n) = 0;
+  // sum over all buffers of sum_i x[i]^2, in double, returned to the host: one synchronisation for
+  // all of them (gradient clipping over every parameter).
+  virtual double sum_squares_all(const std::vector<std::pair<const float*, int64_t>>& buffers) = 0;
+  double sum_squares(const float* x, int64_t n) { return sum_squares_all({{x, n}}); }
 
   // ---- products ------------------------------------------------------------------------------------
   // For b < batch: C_b = alpha op(A_b) op(B_b) + beta C_b, row-major; op(X) = X^T when trans.

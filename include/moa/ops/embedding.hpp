@@ -38,7 +38,8 @@ inline Tensor embedding(const Tensor& weight, const Tensor& ids) {
   if (on_device(weight)) {
     detail::check_device_f32(weight, "embedding");
     const Device dev = weight.device();
-    const Tensor idd = detail::ids_on(idc, dev);
+    // Device ids: an owned device copy (no second upload); host ids: uploaded once.
+    const Tensor idd = on_device(ids) ? ids.detach().clone() : detail::ids_on(idc, dev);
     Tensor out = Tensor::empty(out_shape, weight.dtype(), dev);
     if (N > 0 && C > 0) backend(dev).embedding_forward(out.data<float>(), idd.data<int32_t>(), wc.data<float>(), N, C);
     if (autograd::needs_graph({&weight}))

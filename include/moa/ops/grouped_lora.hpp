@@ -37,6 +37,21 @@ inline ExpertGroups group_by_expert(const std::vector<int32_t>& experts, int64_t
   return g;
 }
 
+// The op's inputs in the order of its gradients: x, weights, A_0..A_{E-1}, B_0..B_{E-1}.
+inline std::vector<Tensor> grouped_inputs(const Tensor& x, const Tensor& w, const std::vector<Tensor>& A,
+                                          const std::vector<Tensor>& B) {
+  std::vector<Tensor> inputs{x, w};
+  inputs.insert(inputs.end(), A.begin(), A.end());
+  inputs.insert(inputs.end(), B.begin(), B.end());
+  return inputs;
+}
+
+inline std::vector<Tensor> detached(const std::vector<Tensor>& ts) {
+  std::vector<Tensor> out;
+  for (const Tensor& t : ts) out.push_back(t.detach());
+  return out;
+}
+
 // The device path: one segmented product for all experts (DeviceBackend::grouped_lora_*), with the
 // assignments sorted by expert on the host and uploaded with the segment offsets.
 inline Tensor grouped_lora_device(const Tensor& x, const std::vector<Tensor>& A, const std::vector<Tensor>& B,
@@ -88,15 +103,9 @@ inline Tensor grouped_lora_device(const Tensor& x, const std::vector<Tensor>& A,
     backend(dev).grouped_lora_forward(out.data<float>(), h.data<float>(), xc.data<float>(), pA, pB,
                                       rows_d.data<int32_t>(), seg_d.data<int32_t>(),
                                       wg.defined() ? wg.data<float>() : nullptr, static_cast<float>(scale), dims, unique);
-  std::vector<Tensor> inputs{x, weights};
-  inputs.insert(inputs.end(), A.begin(), A.end());
-  inputs.insert(inputs.end(), B.begin(), B.end());
+  const std::vector<Tensor> inputs = grouped_inputs(x, weights, A, B);
   if (autograd::needs_graph(inputs)) {
-    std::vector<Tensor> Ad, Bd;
-    for (int64_t e = 0; e < E; ++e) {
-      Ad.push_back(Ac[e].detach());
-      Bd.push_back(Bc[e].detach());
-    }
+    const std::vector<Tensor> Ad = detached(Ac), Bd = detached(Bc);
     autograd::record(
         "grouped_lora", out, inputs,
         [xd = xc.detach(), wg, h, Ad, Bd, rows_d, seg_d, order_d, begin = groups.begin, scale, dims, unique](
@@ -206,15 +215,9 @@ inline Tensor grouped_lora(const Tensor& x, const std::vector<Tensor>& A, const 
     }
   });
 
-  std::vector<Tensor> inputs{x, weights};
-  inputs.insert(inputs.end(), A.begin(), A.end());
-  inputs.insert(inputs.end(), B.begin(), B.end());
+  const std::vector<Tensor> inputs = detail::grouped_inputs(x, weights, A, B);
   if (autograd::needs_graph(inputs)) {
-    std::vector<Tensor> Ad, Bd;
-    for (int64_t e = 0; e < E; ++e) {
-      Ad.push_back(Ac[e].detach());
-      Bd.push_back(Bc[e].detach());
-    }
+    const std::vector<Tensor> Ad = detail::detached(Ac), Bd = detail::detached(Bc);
     autograd::record(
         "grouped_lora", out, inputs,
         [xd = xc.detach(), wd = wc.defined() ? wc.detach() : Tensor(), Ad, Bd, H, groups, rows, scale, E, N, In,

@@ -62,6 +62,17 @@ void batched_gemm(const MatrixOperand& a, const MatrixOperand& b, Tensor& c, con
     }
     return true;
   };
+  // Element offsets of A and B for batch index i (row-major over `batch`).
+  auto batch_offsets = [&](int64_t i) {
+    int64_t oa = 0, ob = 0, rem = i;
+    for (std::size_t d = batch.size(); d-- > 0;) {
+      const int64_t k = rem % batch[d];
+      rem /= batch[d];
+      oa += k * sa[d];
+      ob += k * sb[d];
+    }
+    return std::pair<int64_t, int64_t>{oa, ob};
+  };
   int64_t step_a = 0, step_b = 0;
   if (on_device(c)) {  // one strided-batched product when the batch strides are uniform, else one per batch
     DeviceBackend& dev = backend(c.device());
@@ -73,13 +84,7 @@ void batched_gemm(const MatrixOperand& a, const MatrixOperand& b, Tensor& c, con
       return;
     }
     for (int64_t i = 0; i < nb; ++i) {
-      int64_t oa = 0, ob = 0, rem = i;
-      for (std::size_t d = batch.size(); d-- > 0;) {
-        const int64_t k = rem % batch[d];
-        rem /= batch[d];
-        oa += k * sa[d];
-        ob += k * sb[d];
-      }
+      const auto [oa, ob] = batch_offsets(i);
       dev.gemm(a.trans, b.trans, 1, M, N, K, 1.0f, reinterpret_cast<const float*>(pa + oa), a.ld, 0,
                reinterpret_cast<const float*>(pb + ob), b.ld, 0, 0.0f, reinterpret_cast<float*>(pc + i * M * N), N, 0,
                prec);
@@ -93,15 +98,8 @@ void batched_gemm(const MatrixOperand& a, const MatrixOperand& b, Tensor& c, con
       return;
     }
   }
-  std::vector<int64_t> idx(batch.size(), 0);
   for (int64_t i = 0; i < nb; ++i) {
-    int64_t oa = 0, ob = 0, rem = i;
-    for (std::size_t d = batch.size(); d-- > 0;) {
-      const int64_t k = rem % batch[d];
-      rem /= batch[d];
-      oa += k * sa[d];
-      ob += k * sb[d];
-    }
+    const auto [oa, ob] = batch_offsets(i);
     kernels::cpu::gemm<T>(a.trans, b.trans, M, N, K, T(1), pa + oa, a.ld, pb + ob, b.ld, T(0), pc + i * M * N, N);
   }
 }

@@ -1,7 +1,9 @@
 // moa/optim/clip.hpp: global-norm gradient clipping (as torch.nn.utils.clip_grad_norm_).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "moa/core/tensor.hpp"
@@ -14,13 +16,18 @@ namespace moa::optim {
 inline double clip_grad_norm(const std::vector<Tensor>& params, double max_norm, bool error_if_nonfinite = true) {
   MOA_CHECK(max_norm > 0, ValueError, "clip_grad_norm: expected max_norm > 0, got ", max_norm);
   double total = 0.0;
+  // Device gradients: one batched sum of squares per device (one synchronisation, not one per tensor).
+  std::vector<std::pair<Device, std::vector<std::pair<const float*, int64_t>>>> on_devices;
+  std::vector<Tensor> keep;  // contiguous copies stay alive until summed
   for (const Tensor& p : params) {
     const Tensor g = p.grad();
     if (!g.defined()) continue;
     if (on_device(g)) {
       detail::check_device_f32(g, "clip_grad_norm");
-      const Tensor gc = g.contiguous();
-      if (gc.numel() > 0) total += backend(g.device()).sum_squares(gc.data<float>(), gc.numel());
+      keep.push_back(g.contiguous());
+      auto it = std::find_if(on_devices.begin(), on_devices.end(), [&](const auto& d) { return d.first == g.device(); });
+      if (it == on_devices.end()) it = on_devices.insert(on_devices.end(), {g.device(), {}});
+      it->second.emplace_back(keep.back().data<float>(), keep.back().numel());
       continue;
     }
     detail::dispatch_float(g.dtype(), "clip_grad_norm", [&]<class T>() {
@@ -30,6 +37,7 @@ inline double clip_grad_norm(const std::vector<Tensor>& params, double max_norm,
       total += s;
     });
   }
+  for (const auto& [dev, buffers] : on_devices) total += backend(dev).sum_squares_all(buffers);
   const double norm = std::sqrt(total);
   MOA_CHECK(std::isfinite(norm) || !error_if_nonfinite, ValueError,
             "clip_grad_norm: the total gradient norm is not finite (", norm, "); the loss has probably diverged");

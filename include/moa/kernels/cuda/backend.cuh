@@ -288,12 +288,16 @@ class CudaBackend final : public DeviceBackend {
     }
   }
 
-  double sum_squares(const float* x, int64_t n) override {
-    if (n <= 0) return 0.0;
-    DeviceState& s = activate_for(x, "sum_squares");
+  double sum_squares_all(const std::vector<std::pair<const float*, int64_t>>& buffers) override {
+    const float* first = nullptr;
+    for (const auto& [x, n] : buffers)
+      if (n > 0 && !first) first = x;
+    if (!first) return 0.0;
+    DeviceState& s = activate_for(first, "sum_squares");
     Scratch acc(s, sizeof(double));
     MOA_CUDA_CHECK(cudaMemsetAsync(acc.get(), 0, sizeof(double), s.stream));
-    grad_norm_sq_accumulate(acc.as<double>(), x, n, s.stream);
+    for (const auto& [x, n] : buffers)  // one accumulator, one synchronisation
+      if (n > 0) grad_norm_sq_accumulate(acc.as<double>(), x, n, s.stream);
     double r = 0.0;
     MOA_CUDA_CHECK(cudaMemcpyAsync(&r, acc.get(), sizeof(double), cudaMemcpyDeviceToHost, s.stream));
     MOA_CUDA_CHECK(cudaStreamSynchronize(s.stream));
