@@ -296,27 +296,11 @@ namespace detail {
 // The device tensor as a contiguous host tensor of the same dtype (no autograd).
 inline Tensor device_to_host(const Tensor& x);
 
-}  // namespace detail
-
-namespace detail {
-
 // Device kernels compute in f32 (bf16 and i32 are storage): the check every device op makes.
 inline void check_device_f32(const Tensor& t, const char* op) {
   MOA_CHECK(t.dtype() == DType::f32, ValueError, op, ": expected f32 on ", t.device().str(), ", got ",
             dtype_name(t.dtype()), " (device kernels compute in f32; convert with .to(DType::f32))");
 }
-
-// x's i32 values on `device` (x itself when already there): index tensors are often made on the host.
-inline Tensor ids_on(const Tensor& x, Device device) {
-  if (x.device() == device) return x;
-  Tensor out = Tensor::empty(x.shape(), x.dtype(), device);
-  out.copy_(x);
-  return out;
-}
-
-}  // namespace detail
-
-namespace detail {
 
 // Moves t's data (and its gradient) to `device` in place: every handle to this tensor sees the move.
 // For parameters (Module::to); a view's other views keep the old storage.
@@ -382,7 +366,9 @@ inline void copy_across(Tensor& dst, const Tensor& src) {
     return;
   }
   if (sd.type == DeviceType::cpu) {  // upload: a contiguous host copy in a device dtype, then one transfer
-    const DType t = device_side_dtype(src.dtype() == DType::bf16 ? DType::bf16 : (dst.dtype() == DType::bf16 ? src.dtype() : dst.dtype()));
+    // The host converts to dst's dtype, except to bf16 (the device converts) or from bf16 (copied as is).
+    const bool keep_src = src.dtype() == DType::bf16 || dst.dtype() == DType::bf16;
+    const DType t = device_side_dtype(keep_src ? src.dtype() : dst.dtype());
     Tensor h = src;
     if (!(src.is_contiguous() && src.dtype() == t)) {
       h = Tensor::empty(src.shape(), t);

@@ -39,7 +39,7 @@ inline Tensor embedding(const Tensor& weight, const Tensor& ids) {
     detail::check_device_f32(weight, "embedding");
     const Device dev = weight.device();
     // Device ids: an owned device copy (no second upload); host ids: uploaded once.
-    const Tensor idd = on_device(ids) ? ids.detach().clone() : detail::ids_on(idc, dev);
+    const Tensor idd = on_device(ids) ? ids.detach().clone() : idc.to(dev);
     Tensor out = Tensor::empty(out_shape, weight.dtype(), dev);
     if (N > 0 && C > 0) backend(dev).embedding_forward(out.data<float>(), idd.data<int32_t>(), wc.data<float>(), N, C);
     if (autograd::needs_graph({&weight}))

@@ -43,7 +43,7 @@ inline Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t
   if (on_device(logits)) {
     detail::check_device_f32(logits, "cross_entropy");
     const Device dev = logits.device();
-    const Tensor td = on_device(targets) ? targets.detach().clone() : detail::ids_on(tc, dev);
+    const Tensor td = on_device(targets) ? targets.detach().clone() : tc.to(dev);
     Tensor lse = Tensor::empty({N}, logits.dtype(), dev);
     Tensor out = Tensor::empty({}, logits.dtype(), dev);
     backend(dev).cross_entropy_forward(out.data<float>(), lse.data<float>(), xc.data<float>(), td.data<int32_t>(), N, V,
