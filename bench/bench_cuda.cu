@@ -16,6 +16,7 @@
 #include "moa/kernels/cuda/allocator.cuh"
 #include "moa/kernels/cuda/attention.cuh"
 #include "moa/kernels/cuda/check.cuh"
+#include "moa/kernels/cuda/elementwise.cuh"
 #include "moa/kernels/cuda/gemm.cuh"
 #include "moa/kernels/cuda/grouped_lora.cuh"
 
@@ -150,6 +151,17 @@ int main() {
                              out.data(), lse.data(), s, scale);
     }, 2, 5);
     row("attention backward (2.5x the forward's FLOPs)", ms, 2.5 * flops / ms * 1e-9, "TFLOP/s");
+    // The tensor-core kernels (MatmulPrecision::bf16): same shape, same FLOP count.
+    ms = time_ms([&] {
+      kc::flash_attention_forward(out.data(), lse.data(), q.data(), k.data(), v.data(), s, scale);
+    }, 2, 10);
+    row("flash attention forward, same shape (bf16 tensor cores)", ms, flops / ms * 1e-9, "TFLOP/s");
+    ms = time_ms([&] {
+      kc::row_dot(delta.data(), g.data(), out.data(), nl, s.D, nullptr);
+      kc::flash_attention_backward(dq.data(), dk.data(), dv.data(), delta.data(), g.data(), q.data(), k.data(),
+                                   v.data(), lse.data(), s, scale);
+    }, 2, 10);
+    row("flash attention backward (dq; dk, dv; delta)", ms, 2.5 * flops / ms * 1e-9, "TFLOP/s");
   }
   const kc::AllocatorStats st = kc::CachingAllocator::global().stats();
   std::printf("\nallocator: %lld cudaMalloc calls, %.1f MiB peak in use\n", static_cast<long long>(st.malloc_count),

@@ -54,7 +54,7 @@ class CachingAllocator {
     if (bytes == 0) bytes = 1;
     if (bytes <= large) return (bytes + small - 1) / small * small;
     std::size_t p = large;
-    while (p * 2 < bytes) p *= 2;  // p < bytes <= 2p
+    while (p < bytes / 2) p *= 2;  // p < bytes <= 2p (no overflow near 2^64)
     const std::size_t step = p / 4;
     return (bytes + step - 1) / step * step;
   }
@@ -62,6 +62,8 @@ class CachingAllocator {
   // A device block of at least `bytes` (256-byte aligned, as cudaMalloc). Never null; throws
   // DeviceError when the device is out of memory even after emptying the cache.
   void* allocate(std::size_t bytes, cudaStream_t stream = nullptr) {
+    MOA_CHECK(bytes <= (std::size_t(1) << 52), DeviceError, "cuda allocator: a request of ", bytes,
+              " bytes is beyond any device (a negative size cast to unsigned?)");
     const std::size_t size = round_size(bytes);
     std::lock_guard<std::mutex> lock(mutex_);
     void* p = nullptr;
@@ -128,12 +130,13 @@ class CachingAllocator {
 
   void release_cached_locked() {
     for (auto& [size, list] : free_) {
-      for (void* p : list) {
+      while (!list.empty()) {  // a block leaves the list before cudaFree: a failure never frees it twice
+        void* p = list.back();
+        list.pop_back();
+        stats_.bytes_cached -= size;
         MOA_CUDA_CHECK(cudaFree(p));
         ++stats_.free_count;
-        stats_.bytes_cached -= size;
       }
-      list.clear();
     }
     free_.clear();
   }
@@ -165,7 +168,12 @@ class DeviceBuffer {
   }
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() { reset(); }
+  ~DeviceBuffer() {
+    try {
+      reset();
+    } catch (...) {  // a destructor never throws; the allocator already reported the bad pointer
+    }
+  }
 
   void reset() {
     if (p_) alloc_->release(p_);

@@ -5,10 +5,11 @@
 //   Query head h reads kv head h / (Hq / Hkv); query i sits at position Tk - Tq + i and sees keys
 //   j <= Tk - Tq + i.
 //
-// Correctness first: one warp per query row (forward, dq) or key row (dk, dv), the head dimension
-// split over the lanes, an online softmax over the keys (never a T x T matrix). Warps of a block
-// take neighbouring rows of the same head, so K and V rows are shared through L1. No tensor cores
-// yet: a tiled, tensor-core kernel (FlashAttention-2 style) replaces this when speed matters.
+// The exact (float32) kernels: one warp per query row (forward, dq) or key row (dk, dv), the head
+// dimension split over the lanes, an online softmax over the keys (never a T x T matrix). Warps of a
+// block take neighbouring rows of the same head, so K and V rows are shared through L1. They serve
+// MatmulPrecision highest and tf32, decoding (Tq < 16) and heads over 128; with bf16 products the
+// backend runs the tiled tensor-core kernels of flash_attention.cuh instead.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -18,13 +19,10 @@
 
 #include "moa/core/error.hpp"
 #include "moa/kernels/cuda/check.cuh"
+#include "moa/kernels/cuda/flash_attention.cuh"  // AttentionShape, and the tensor-core kernels
 #include "moa/kernels/cuda/reduce.cuh"
 
 namespace moa::kernels::cuda {
-
-struct AttentionShape {
-  int64_t B = 1, Hq = 1, Hkv = 1, Tq = 1, Tk = 1, D = 1;
-};
 
 namespace detail {
 

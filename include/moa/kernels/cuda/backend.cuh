@@ -318,7 +318,7 @@ class CudaBackend final : public DeviceBackend {
               "gemm: the C matrices of the batch overlap: stride_c ", stride_c, " < (M - 1) * ldc + N = ",
               (M - 1) * ldc + N, " (M ", M, ", N ", N, ", ldc ", ldc, ", batch ", batch, ")");
     DeviceState& s = activate_for(C, "gemm");
-    if (K == 0) {  // an empty sum: C = beta C
+    if (K == 0 || alpha == 0.f) {  // C = beta C without reading A or B (as the cpu gemm)
       scale_matrices(C, batch, M, N, ldc, stride_c, beta, s.stream);
       return;
     }
@@ -429,7 +429,10 @@ class CudaBackend final : public DeviceBackend {
     detail::check_attention("attention_forward", sh);
     if (sh.B * sh.Hq * sh.Tq == 0) return;
     DeviceState& s = activate_for(out, "attention_forward");
-    ::moa::kernels::cuda::attention_forward(out, lse, q, k, v, sh, scale, s.stream);
+    if (use_flash_attention(sh))
+      flash_attention_forward(out, lse, q, k, v, sh, scale, s.stream);
+    else
+      ::moa::kernels::cuda::attention_forward(out, lse, q, k, v, sh, scale, s.stream);
   }
 
   // dq written by the dq kernel (which also writes delta = dout . out); without dq, delta comes
@@ -449,6 +452,12 @@ class CudaBackend final : public DeviceBackend {
     Scratch kv_scratch(s, want_kv && (!dk || !dv) ? static_cast<std::size_t>(krows * sh.D) * sizeof(float) : 0);
     float* dk_out = dk ? dk : kv_scratch.as<float>();
     float* dv_out = dv ? dv : kv_scratch.as<float>();
+    if (use_flash_attention(sh)) {  // delta first, then the dq and dk/dv kernels
+      row_dot(delta.as<float>(), dout, out, qrows, sh.D, s.stream);
+      flash_attention_backward(dq, want_kv ? dk_out : nullptr, want_kv ? dv_out : nullptr, delta.as<float>(), dout, q,
+                               k, v, lse, sh, scale, s.stream);
+      return;
+    }
     detail::dispatch_head(sh.D, [&]<int DPL>() {
       if (qrows > 0) {
         if (dq) {
@@ -621,6 +630,12 @@ class CudaBackend final : public DeviceBackend {
   }
 
   DeviceState& activate_for(const void* p, const char* op) const { return activate(device_of(p, op)); }
+
+  // With bf16 products (MatmulPrecision::bf16) attention runs on tensor cores too, where the tiles
+  // fit (flash_attention.cuh); highest and tf32 keep the exact float32 kernels.
+  static bool use_flash_attention(const AttentionShape& sh) {
+    return ::moa::matmul_precision() == MatmulPrecision::bf16 && flash_attention_supported(sh);
+  }
 
   static AttentionShape attention_shape(const AttentionDims& d) {
     return AttentionShape{.B = d.B, .Hq = d.Hq, .Hkv = d.Hkv, .Tq = d.Tq, .Tk = d.Tk, .D = d.D};

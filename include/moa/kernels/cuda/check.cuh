@@ -41,6 +41,7 @@ inline const char* base_name(const char* path) {
 }
 
 [[noreturn]] inline void throw_cuda(cudaError_t e, const char* call, const char* file, int line) {
+  (void)cudaGetLastError();  // clear it: the next launch check must not report this error as its own
   throw DeviceError(::moa::detail::cat(call, " failed at ", base_name(file), ":", line, ": error ", static_cast<int>(e),
                                        " (", cudaGetErrorName(e), ": ", cudaGetErrorString(e), ")"));
 }

@@ -1,0 +1,148 @@
+// The tensor-core attention kernels (moa/kernels/cuda/flash_attention.cuh), run on the CPU by
+// tests/unit/cuda_emulator.hpp and compared with the float64-accumulating reference
+// (kernels/reference/attention.hpp): forward (out, lse) and backward (dq, dk, dv) for the tiling
+// cases that matter: partial tiles, several query and key tiles, grouped-query heads, a KV cache
+// (Tq < Tk), heads that are not a multiple of 16 (padded) or of 4 (no float4 loads), and every head
+// width class up to 128. The same source runs on the GPU in tests/cuda/test_cuda_ops.cu.
+//
+// Bound: the products take bf16 inputs (relative rounding 2^-9) and P, dS are rounded to bf16, so
+// each result is compared with max |error| <= 2e-2 * max |reference| of that tensor; a masking or
+// tiling mistake gives errors of the order of the values themselves.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "cuda_emulator.hpp"
+#define MOA_CUDA_EMULATE
+#include "moa/kernels/cuda/flash_attention.cuh"
+#include "moa/kernels/reference/attention.hpp"
+
+namespace {
+
+namespace fl = moa::kernels::cuda::flash;
+using moa::kernels::cuda::AttentionShape;
+
+std::vector<float> randn(std::size_t n, std::mt19937& g) {
+  std::normal_distribution<float> d(0.f, 1.f);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(g);
+  return v;
+}
+
+// max |a - b| / max |b| (b the reference), with max |b| floored at 1e-6.
+double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
+  double err = 0, scale = 1e-6;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    err = std::max(err, std::abs(double(a[i]) - b[i]));
+    scale = std::max(scale, std::abs(double(b[i])));
+  }
+  return err / scale;
+}
+
+// The emulated launches, with the same grids and shared memory as the launchers in the header.
+void forward(float* out, float* lse, const float* q, const float* k, const float* v, const AttentionShape& s,
+             float scale) {
+  const unsigned qtiles = static_cast<unsigned>((s.Tq + fl::kTile - 1) / fl::kTile);
+  fl::dispatch_tiles(s.D, [&]<int DT>() {
+    moa_emu::launch({static_cast<unsigned>(s.B * s.Hq) * qtiles}, {fl::kThreads}, fl::Dims<DT>::forward_smem,
+                    [&] { fl::forward_kernel<DT>(out, lse, q, k, v, s, scale); });
+  });
+}
+
+void backward(float* dq, float* dk, float* dv, const float* delta, const float* dout, const float* q, const float* k,
+              const float* v, const float* lse, const AttentionShape& s, float scale) {
+  const unsigned qtiles = static_cast<unsigned>((s.Tq + fl::kTile - 1) / fl::kTile);
+  const unsigned ktiles = static_cast<unsigned>((s.Tk + fl::kTile - 1) / fl::kTile);
+  fl::dispatch_tiles(s.D, [&]<int DT>() {
+    moa_emu::launch({static_cast<unsigned>(s.B * s.Hq) * qtiles}, {fl::kThreads}, fl::Dims<DT>::dq_smem,
+                    [&] { fl::dq_kernel<DT>(dq, dout, q, k, v, lse, delta, s, scale); });
+    moa_emu::launch({static_cast<unsigned>(s.B * s.Hkv) * ktiles}, {fl::kThreads}, fl::Dims<DT>::dkv_smem,
+                    [&] { fl::dkv_kernel<DT>(dk, dv, dout, q, k, v, lse, delta, s, scale); });
+  });
+}
+
+}  // namespace
+
+TEST_CASE("flash attention kernels (emulated on the CPU): forward and backward against the reference") {
+  namespace ref = moa::kernels::reference;
+  std::mt19937 g(7);
+  const AttentionShape shapes[] = {
+      {1, 2, 1, 70, 70, 16},    // grouped-query, a full and a partial tile
+      {1, 2, 2, 20, 100, 40},   // a KV cache: 20 queries at the end of 100 keys; head padded to 48
+      {1, 1, 1, 130, 130, 64},  // three query and key tiles, float4 loads
+      {2, 1, 1, 17, 17, 7},     // a head of 7 (padded to 16, scalar loads), two batches
+      {1, 1, 1, 33, 33, 128},   // the widest head
+      {1, 1, 1, 99, 100, 32},   // one cached key: the second key tile's first query is in tile 0
+  };
+  for (const AttentionShape& s : shapes) {
+    CAPTURE(s.B);
+    CAPTURE(s.Hq);
+    CAPTURE(s.Hkv);
+    CAPTURE(s.Tq);
+    CAPTURE(s.Tk);
+    CAPTURE(s.D);
+    const std::size_t nq = static_cast<std::size_t>(s.B * s.Hq * s.Tq * s.D),
+                      nk = static_cast<std::size_t>(s.B * s.Hkv * s.Tk * s.D),
+                      nr = static_cast<std::size_t>(s.B * s.Hq * s.Tq);
+    const float scale = 1.f / std::sqrt(static_cast<float>(s.D));
+    const std::vector<float> q = randn(nq, g), k = randn(nk, g), v = randn(nk, g), dout = randn(nq, g);
+
+    std::vector<float> out_ref(nq), lse_ref(nr), dq_ref(nq), dk_ref(nk), dv_ref(nk);
+    ref::attention_forward<float>(out_ref.data(), lse_ref.data(), q.data(), k.data(), v.data(), s.B, s.Hq, s.Hkv,
+                                  s.Tq, s.Tk, s.D, scale);
+    ref::attention_backward<float>(dq_ref.data(), dk_ref.data(), dv_ref.data(), dout.data(), q.data(), k.data(),
+                                   v.data(), out_ref.data(), lse_ref.data(), s.B, s.Hq, s.Hkv, s.Tq, s.Tk, s.D, scale);
+
+    std::vector<float> out(nq, NAN), lse(nr, NAN);
+    forward(out.data(), lse.data(), q.data(), k.data(), v.data(), s, scale);
+    CHECK(rel_error(out, out_ref) < 2e-2);
+    double lse_err = 0;
+    for (std::size_t i = 0; i < nr; ++i) lse_err = std::max(lse_err, std::abs(double(lse[i]) - lse_ref[i]));
+    CHECK(lse_err < 2e-2);
+
+    // The backward from the reference's out and lse (delta = dout . out per row, as row_dot gives).
+    std::vector<float> delta(nr);
+    for (std::size_t r = 0; r < nr; ++r) {
+      double d = 0;
+      for (int64_t c = 0; c < s.D; ++c) d += double(dout[r * s.D + c]) * out_ref[r * s.D + c];
+      delta[r] = static_cast<float>(d);
+    }
+    std::vector<float> dq(nq, NAN), dk(nk, NAN), dv(nk, NAN);
+    backward(dq.data(), dk.data(), dv.data(), delta.data(), dout.data(), q.data(), k.data(), v.data(),
+             lse_ref.data(), s, scale);
+    CHECK(rel_error(dq, dq_ref) < 2e-2);
+    CHECK(rel_error(dk, dk_ref) < 2e-2);
+    CHECK(rel_error(dv, dv_ref) < 2e-2);
+  }
+}
+
+TEST_CASE("the CUDA emulator itself: barriers order shared memory, shuffles exchange, WMMA checks alignment") {
+  // A block-wide reversal through shared memory needs the barrier; a butterfly sum needs shuffles.
+  std::vector<float> out(64, 0.f);
+  moa_emu::launch({1}, {64}, 64 * sizeof(float), [&] {
+    MOA_CUDA_DYNAMIC_SMEM(smem);
+    float* buf = reinterpret_cast<float*>(smem);
+    const unsigned t = threadIdx.x;
+    buf[t] = static_cast<float>(t);
+    __syncthreads();
+    float x = buf[63 - t];
+    for (int m = 16; m >= 1; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
+    out[t] = x;
+  });
+  // warp 0 reads 63..32 (sum 1520), warp 1 reads 31..0 (sum 496)
+  for (unsigned t = 0; t < 64; ++t) CHECK(out[t] == (t < 32 ? 1520.f : 496.f));
+
+  CHECK_THROWS_AS(moa_emu::launch({1}, {32}, 256, [&] {
+                    MOA_CUDA_DYNAMIC_SMEM(smem);
+                    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> f;
+                    nvcuda::wmma::load_matrix_sync(f, reinterpret_cast<float*>(smem) + 1, 16,
+                                                   nvcuda::wmma::mem_row_major);
+                  }),
+                  std::logic_error);
+  CHECK_THROWS_AS(moa_emu::launch({1}, {48}, 0, [] {}), std::invalid_argument);
+}
