@@ -316,6 +316,11 @@ inline void moa_steps(Device dev, double tol) {
   b.domain = {2, 0, 1};
   const auto lc = mc.loss(b), ld = md.loss(b);
   CHECK(std::abs(ld[0].item<double>() - lc[0].item<double>()) <= 1e-5 * tol * std::abs(lc[0].item<double>()));
+  // the adapted linears of a layer share one uploaded grouping (ops/grouped_lora.hpp: GroupingCache)
+  int64_t hits = 0;
+  for (const GroupingCache& gc : md.routing().groupings) hits += gc.hits();
+  CHECK(!md.routing().groupings.empty());
+  CHECK(hits >= static_cast<int64_t>(md.routing().groupings.size()));  // q_proj uploads, v_proj reuses
   lc[0].backward();
   ld[0].backward();
   const auto pc = mc.named_parameters(), pd = md.named_parameters();

@@ -3,9 +3,12 @@
 // kernels run on the GPU in tests/cuda/).
 //
 // What it emulates, and how:
-//   - a launch runs the blocks one after another; each block runs blockDim.x real threads (one
-//     std::thread per CUDA thread), so __syncthreads (a std::barrier over the block) and __syncwarp
+//   - a launch (MOA_CUDA_LAUNCH of moa/kernels/cuda/launch.cuh, so a header's launchers run too)
+//     runs blockDim.x * blockDim.y real threads (one std::thread per CUDA thread of a block), which
+//     walk through the blocks, so __syncthreads (a std::barrier over the block) and __syncwarp
 //     (one per 32 threads) have their real meaning: a missing barrier is a data race here too;
+//   - atomicAdd on float is std::atomic_ref; MOA_CUDA_CHECK evaluates its call (stubs) and throws
+//     nothing;
 //   - dynamic shared memory is one 128-byte aligned buffer per block, filled with 0xFF bytes (NaN
 //     as floats and bf16) so that a read of shared memory nobody wrote shows in the results, and an
 //     access past its end is caught by AddressSanitizer;
@@ -17,10 +20,11 @@
 // Not emulated: memory other than shared (kernels read and write host pointers), timing, warp
 // divergence rules beyond "all 32 lanes take part in every collective".
 //
-// Use: include this, define MOA_CUDA_EMULATE, include the kernel header, then
-//   moa_emu::launch(grid, block, smem_bytes, [&] { kernel<...>(args...); });
+// Use: include this, define MOA_CUDA_EMULATE, include the kernel header, and call its launchers
+// with host pointers (or moa_emu::launch(grid, block, smem_bytes, [&] { kernel<...>(args...); })).
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <bit>
 #include <cmath>
@@ -43,11 +47,24 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+// moa/kernels/cuda/launch.cuh's spellings, emulated
 #define MOA_CUDA_DYNAMIC_SMEM(name) unsigned char* name = ::moa_emu::dynamic_smem()
+#define MOA_CUDA_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ((void)(stream), ::moa_emu::launch(::dim3(grid), ::dim3(block), smem, [&] { kernel(__VA_ARGS__); }))
+#define MOA_UNROLL
+#define MOA_CUDA_CHECK(call) ((void)(call))
+#define MOA_CUDA_LAUNCH_CHECK() ((void)0)
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
+struct CUstream_st;
+using cudaStream_t = CUstream_st*;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+template <class Kernel>
+int cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int) {
+  return 0;
+}
 struct float4 {
   float x, y, z, w;
 };
@@ -81,6 +98,7 @@ struct Block {
 };
 
 inline thread_local Block* current = nullptr;
+inline thread_local unsigned linear_id = 0;  // threadIdx.x + blockDim.x * threadIdx.y: warps and lanes
 
 inline unsigned char* dynamic_smem() { return current->smem; }
 
@@ -90,21 +108,22 @@ inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 
 inline void __syncthreads() { moa_emu::current->block.arrive_and_wait(); }
-inline void __syncwarp(unsigned = 0xffffffffu) { moa_emu::current->warps[threadIdx.x / 32]->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { moa_emu::current->warps[moa_emu::linear_id / 32]->arrive_and_wait(); }
 
 inline float __shfl_sync(unsigned, float v, int src_lane) {
   auto& ex = moa_emu::current->exchange;
-  const unsigned base = threadIdx.x & ~31u;
-  ex[threadIdx.x] = v;
+  const unsigned id = moa_emu::linear_id, base = id & ~31u;
+  ex[id] = v;
   __syncwarp();
   const float r = ex[base + (static_cast<unsigned>(src_lane) & 31u)];
   __syncwarp();
   return r;
 }
 inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
-  return __shfl_sync(mask, v, static_cast<int>((threadIdx.x & 31u) ^ static_cast<unsigned>(lane_mask)));
+  return __shfl_sync(mask, v, static_cast<int>((moa_emu::linear_id & 31u) ^ static_cast<unsigned>(lane_mask)));
 }
 inline float __expf(float x) { return std::exp(x); }
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 
 namespace nvcuda::wmma {
 
@@ -157,7 +176,7 @@ void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, 
 template <int M, int N, int K>
 void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t layout) {
   detail::check_ptr(p, ldm, "store_matrix_sync");
-  if ((threadIdx.x & 31u) != 0) return;
+  if ((moa_emu::linear_id & 31u) != 0) return;
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c) (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * N + c];
 }
@@ -179,39 +198,51 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
 
 namespace moa_emu {
 
-// Runs body (the kernel call) for every block of grid with block.x threads (block.y = block.z = 1).
+// Runs body (the kernel call) for every block of grid, with block.x * block.y threads (block.z = 1).
 template <class F>
 void launch(dim3 grid, dim3 block, std::size_t smem_bytes, F&& body) {
-  if (block.y != 1 || block.z != 1 || block.x == 0 || block.x % 32 != 0 || block.x > 1024)
-    throw std::invalid_argument("moa_emu::launch: expected a 1-D block of whole warps (<= 1024 threads)");
+  const unsigned threads = block.x * block.y;
+  if (block.z != 1 || threads == 0 || threads % 32 != 0 || threads > 1024)
+    throw std::invalid_argument("moa_emu::launch: expected a block of whole warps (<= 1024 threads, block.z = 1)");
   gridDim = grid;
   blockDim = block;
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        Block blk(block.x, smem_bytes);
-        std::exception_ptr error;
-        std::mutex error_mutex;
-        std::vector<std::thread> threads;
-        threads.reserve(block.x);
-        for (unsigned t = 0; t < block.x; ++t)
-          threads.emplace_back([&, t] {
-            current = &blk;
-            threadIdx = {t, 0, 0};
-            blockIdx = {bx, by, bz};
-            try {
-              body();
-            } catch (...) {
-              const std::lock_guard lock(error_mutex);
-              if (!error) error = std::current_exception();
-            }
-            // a thread that is done no longer holds up the barriers (as an exited GPU thread)
-            blk.block.arrive_and_drop();
-            blk.warps[t / 32]->arrive_and_drop();
-          });
-        for (auto& th : threads) th.join();
-        if (error) std::rethrow_exception(error);
+  // Every block up front (its barriers and shared memory); one std::thread per CUDA thread of a
+  // block walks all the blocks in order, so threads are created once per launch. A thread that is
+  // done with a block drops out of its barriers (as an exited GPU thread) and goes on to the next;
+  // blocks are independent, as on a GPU.
+  const std::size_t nblocks = std::size_t(grid.x) * grid.y * grid.z;
+  std::vector<std::unique_ptr<Block>> blocks;
+  blocks.reserve(nblocks);
+  for (std::size_t b = 0; b < nblocks; ++b) blocks.push_back(std::make_unique<Block>(threads, smem_bytes));
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (unsigned t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      linear_id = t;
+      threadIdx = {t % block.x, t / block.x, 0};
+      bool failed = false;
+      for (std::size_t b = 0; b < nblocks; ++b) {
+        Block& blk = *blocks[b];
+        current = &blk;
+        blockIdx = {static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
+                    static_cast<unsigned>(b / (std::size_t(grid.x) * grid.y))};
+        if (!failed) {
+          try {
+            body();
+          } catch (...) {
+            failed = true;  // the other threads go on (no deadlock); the first error is rethrown
+            const std::lock_guard lock(error_mutex);
+            if (!error) error = std::current_exception();
+          }
+        }
+        blk.block.arrive_and_drop();
+        blk.warps[t / 32]->arrive_and_drop();
       }
+    });
+  for (auto& th : pool) th.join();
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace moa_emu

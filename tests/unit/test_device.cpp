@@ -61,3 +61,52 @@ TEST_CASE("device (mock): train_lm with a checkpoint written on the device and r
   testing::MockDeviceScope mock;
   device_suite::trainer(Device::cuda(), std::filesystem::temp_directory_path() / "moa_test_device_trainer", 1.0);
 }
+
+TEST_CASE("device (mock): a GroupingCache uploads a routing once for all the calls that share it") {
+  testing::MockDeviceScope mock;
+  const Device dev = Device::cuda();
+  Generator g(11);
+  const int64_t N = 12, In = 8, Out = 6, R = 4, E = 3;
+  std::vector<Tensor> A, B;
+  for (int64_t e = 0; e < E; ++e) {
+    A.push_back(Tensor::randn({R, In}, g).to(dev));
+    B.push_back(Tensor::randn({Out, R}, g).to(dev));
+  }
+  const Tensor xh = Tensor::randn({N, In}, g), wh = Tensor::randn({N, Out}, g);
+  std::vector<int32_t> rows(N), experts(N);
+  for (int64_t n = 0; n < N; ++n) {
+    rows[n] = static_cast<int32_t>(n);
+    experts[n] = static_cast<int32_t>((n * 7) % E);
+  }
+  // value and input gradient of one call, on the device, with or without the cache
+  auto run = [&](const std::vector<int32_t>& ex, GroupingCache* cache) {
+    Tensor x = xh.to(dev).detach().set_requires_grad();
+    Tensor y = grouped_lora(x, A, B, rows, ex, Tensor(), 0.5, cache);
+    sum(y * wh.to(dev)).backward();
+    return std::make_pair(y.to_vector<float>(), x.grad().to_vector<float>());
+  };
+  const auto plain = run(experts, nullptr);
+  GroupingCache cache;
+  const auto u0 = mock.device.uploads;
+  const auto first = run(experts, &cache);
+  const auto u1 = mock.device.uploads;
+  const auto second = run(experts, &cache);  // another linear of the same layer: same routing
+  const auto u2 = mock.device.uploads;
+  CHECK(first == plain);
+  CHECK(second == plain);
+  CHECK(cache.size() == 1);
+  CHECK(cache.hits() == 1);
+  CHECK(u2 - u1 == (u1 - u0) - 3);  // the second call skipped the rows, segments and order uploads
+
+  std::vector<int32_t> other = experts;
+  std::swap(other[0], other[1]);  // a different routing is a miss, and is right
+  CHECK(run(other, &cache) == run(other, nullptr));
+  CHECK(cache.size() == 2);
+  std::vector<int32_t> third(N, 2);
+  CHECK(run(third, &cache) == run(third, nullptr));
+  CHECK(cache.size() == 2);  // capacity 2: the least recently used went
+  CHECK(run(experts, &cache) == plain);
+  CHECK(cache.hits() == 1);  // `experts` had been dropped: uploaded again
+  cache.clear();
+  CHECK(cache.size() == 0);
+}

@@ -3,7 +3,8 @@
 // (kernels/reference/attention.hpp): forward (out, lse) and backward (dq, dk, dv) for the tiling
 // cases that matter: partial tiles, several query and key tiles, grouped-query heads, a KV cache
 // (Tq < Tk), heads that are not a multiple of 16 (padded) or of 4 (no float4 loads), and every head
-// width class up to 128. The same source runs on the GPU in tests/cuda/test_cuda_ops.cu.
+// width class up to 128. The launchers run as they are (grids, shared memory sizes); the same
+// source runs on the GPU in tests/cuda/test_cuda_ops.cu.
 //
 // Bound: the products take bf16 inputs (relative rounding 2^-9) and P, dS are rounded to bf16, so
 // each result is compared with max |error| <= 2e-2 * max |reference| of that tensor; a masking or
@@ -23,8 +24,8 @@
 
 namespace {
 
-namespace fl = moa::kernels::cuda::flash;
-using moa::kernels::cuda::AttentionShape;
+namespace kc = moa::kernels::cuda;
+using kc::AttentionShape;
 
 std::vector<float> randn(std::size_t n, std::mt19937& g) {
   std::normal_distribution<float> d(0.f, 1.f);
@@ -42,28 +43,6 @@ double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
     scale = std::max(scale, std::abs(double(b[i])));
   }
   return err / scale;
-}
-
-// The emulated launches, with the same grids and shared memory as the launchers in the header.
-void forward(float* out, float* lse, const float* q, const float* k, const float* v, const AttentionShape& s,
-             float scale) {
-  const unsigned qtiles = static_cast<unsigned>((s.Tq + fl::kTile - 1) / fl::kTile);
-  fl::dispatch_tiles(s.D, [&]<int DT>() {
-    moa_emu::launch({static_cast<unsigned>(s.B * s.Hq) * qtiles}, {fl::kThreads}, fl::Dims<DT>::forward_smem,
-                    [&] { fl::forward_kernel<DT>(out, lse, q, k, v, s, scale); });
-  });
-}
-
-void backward(float* dq, float* dk, float* dv, const float* delta, const float* dout, const float* q, const float* k,
-              const float* v, const float* lse, const AttentionShape& s, float scale) {
-  const unsigned qtiles = static_cast<unsigned>((s.Tq + fl::kTile - 1) / fl::kTile);
-  const unsigned ktiles = static_cast<unsigned>((s.Tk + fl::kTile - 1) / fl::kTile);
-  fl::dispatch_tiles(s.D, [&]<int DT>() {
-    moa_emu::launch({static_cast<unsigned>(s.B * s.Hq) * qtiles}, {fl::kThreads}, fl::Dims<DT>::dq_smem,
-                    [&] { fl::dq_kernel<DT>(dq, dout, q, k, v, lse, delta, s, scale); });
-    moa_emu::launch({static_cast<unsigned>(s.B * s.Hkv) * ktiles}, {fl::kThreads}, fl::Dims<DT>::dkv_smem,
-                    [&] { fl::dkv_kernel<DT>(dk, dv, dout, q, k, v, lse, delta, s, scale); });
-  });
 }
 
 }  // namespace
@@ -99,7 +78,7 @@ TEST_CASE("flash attention kernels (emulated on the CPU): forward and backward a
                                    v.data(), out_ref.data(), lse_ref.data(), s.B, s.Hq, s.Hkv, s.Tq, s.Tk, s.D, scale);
 
     std::vector<float> out(nq, NAN), lse(nr, NAN);
-    forward(out.data(), lse.data(), q.data(), k.data(), v.data(), s, scale);
+    kc::flash_attention_forward(out.data(), lse.data(), q.data(), k.data(), v.data(), s, scale);
     CHECK(rel_error(out, out_ref) < 2e-2);
     double lse_err = 0;
     for (std::size_t i = 0; i < nr; ++i) lse_err = std::max(lse_err, std::abs(double(lse[i]) - lse_ref[i]));
@@ -113,8 +92,8 @@ TEST_CASE("flash attention kernels (emulated on the CPU): forward and backward a
       delta[r] = static_cast<float>(d);
     }
     std::vector<float> dq(nq, NAN), dk(nk, NAN), dv(nk, NAN);
-    backward(dq.data(), dk.data(), dv.data(), delta.data(), dout.data(), q.data(), k.data(), v.data(),
-             lse_ref.data(), s, scale);
+    kc::flash_attention_backward(dq.data(), dk.data(), dv.data(), delta.data(), dout.data(), q.data(), k.data(),
+                                 v.data(), lse_ref.data(), s, scale);
     CHECK(rel_error(dq, dq_ref) < 2e-2);
     CHECK(rel_error(dk, dk_ref) < 2e-2);
     CHECK(rel_error(dv, dv_ref) < 2e-2);

@@ -54,6 +54,13 @@ struct RoutingState {
   // token_topk: per layer, the (row, expert, weight) assignments.
   std::vector<std::vector<int32_t>> rows, experts;
   std::vector<Tensor> weights;
+  // On a device: each layer's uploaded grouping, shared by the layer's adapted linears.
+  mutable std::vector<GroupingCache> groupings;
+
+  GroupingCache* grouping_cache(int64_t layer) const {
+    if (groupings.size() <= static_cast<std::size_t>(layer)) groupings.resize(static_cast<std::size_t>(layer) + 1);
+    return &groupings[static_cast<std::size_t>(layer)];
+  }
 };
 
 // One expert beside one linear: A (R, In), B (Out, R), PEFT's init (A uniform, B zero).
@@ -104,10 +111,11 @@ class MoAAdapter : public nn::LinearAdapter {
         rows[n] = static_cast<int32_t>(n);
         experts[n] = se[static_cast<std::size_t>(n / T)];
       }
-      delta = grouped_lora(x.reshape({N, in_}), A, B, rows, experts, Tensor(), scale_);
+      delta = grouped_lora(x.reshape({N, in_}), A, B, rows, experts, Tensor(), scale_, r.grouping_cache(layer_));
     } else {
       const auto l = static_cast<std::size_t>(layer_);
-      delta = grouped_lora(x.reshape({N, in_}), A, B, r.rows.at(l), r.experts.at(l), r.weights.at(l), scale_);
+      delta = grouped_lora(x.reshape({N, in_}), A, B, r.rows.at(l), r.experts.at(l), r.weights.at(l), scale_,
+                           r.grouping_cache(layer_));
     }
     return base_out + delta.view(base_out.shape());
   }
@@ -188,6 +196,8 @@ class MoAModel : public nn::Module {
 
   const MoAConfig& config() const { return c_; }
   nn::TransformerLM& base() { return *base_; }
+  // What the adapters read in a forward (the routing, and on a device each layer's uploaded grouping).
+  const RoutingState& routing() const { return *routing_; }
   int64_t num_experts() const { return static_cast<int64_t>(c_.domains.size()); }
   const std::vector<std::shared_ptr<MoAAdapter>>& adapters() const { return adapters_; }
   const std::vector<std::shared_ptr<Router>>& routers() const { return routers_; }

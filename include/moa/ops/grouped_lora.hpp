@@ -9,6 +9,7 @@
 // top-k experts with gate weights (which then get gradients). Experts without rows get no gradient.
 #pragma once
 
+#include <algorithm>
 #include <vector>
 
 #include "moa/autograd/grad_mode.hpp"
@@ -52,33 +53,96 @@ inline std::vector<Tensor> detached(const std::vector<Tensor>& ts) {
   return out;
 }
 
+// The device copies of one grouping: the assignments' rows in expert order, the segment offsets
+// and the order itself (int32 on the device), plus the host offsets the backward needs.
+struct DeviceGrouping {
+  Tensor rows, seg, order;
+  std::vector<int64_t> begin;
+  bool unique = true;  // no row has two assignments (then the kernels need no atomics)
+};
+
+inline DeviceGrouping upload_grouping(const std::vector<int32_t>& rows, const ExpertGroups& groups, int64_t N,
+                                      Device dev) {
+  const auto M = static_cast<int64_t>(rows.size());
+  std::vector<int32_t> rows_g(static_cast<std::size_t>(M)), order(static_cast<std::size_t>(M)), seg;
+  std::vector<char> seen(static_cast<std::size_t>(N), 0);
+  DeviceGrouping d;
+  for (int64_t j = 0; j < M; ++j) {
+    order[j] = static_cast<int32_t>(groups.order[j]);
+    rows_g[j] = rows[groups.order[j]];
+    d.unique = d.unique && !seen[rows_g[j]];
+    seen[rows_g[j]] = 1;
+  }
+  for (int64_t b : groups.begin) seg.push_back(static_cast<int32_t>(b));
+  d.rows = Tensor::from_vector(rows_g).to(dev);
+  d.seg = Tensor::from_vector(seg).to(dev);
+  d.order = Tensor::from_vector(order).to(dev);
+  d.begin = groups.begin;
+  return d;
+}
+
+}  // namespace detail
+
+// Keeps the device copies of recent groupings, so grouped_lora calls with the same rows, experts
+// and expert count on the same device upload them once: the adapted linears of one MoA layer share
+// one routing (q, k, v, o, ... : one upload instead of one per linear). Holds at most `capacity`
+// groupings (device memory) until cleared or destroyed; the least recently used goes first.
+class GroupingCache {
+ public:
+  explicit GroupingCache(std::size_t capacity = 2) : capacity_(capacity < 1 ? 1 : capacity) {}
+
+  const detail::DeviceGrouping& get(const std::vector<int32_t>& rows, const std::vector<int32_t>& experts, int64_t E,
+                                    int64_t N, Device dev) {
+    for (std::size_t i = 0; i < entries_.size(); ++i) {
+      const Entry& e = entries_[i];
+      if (e.dev == dev && e.E == E && e.N == N && e.rows == rows && e.experts == experts) {
+        ++hits_;
+        std::rotate(entries_.begin() + static_cast<std::ptrdiff_t>(i),
+                    entries_.begin() + static_cast<std::ptrdiff_t>(i) + 1, entries_.end());  // most recent last
+        return entries_.back().grouping;
+      }
+    }
+    if (entries_.size() == capacity_) entries_.erase(entries_.begin());
+    entries_.push_back({dev, E, N, rows, experts,
+                        detail::upload_grouping(rows, detail::group_by_expert(experts, E), N, dev)});
+    return entries_.back().grouping;
+  }
+
+  void clear() { entries_.clear(); }
+  std::size_t size() const { return entries_.size(); }
+  int64_t hits() const { return hits_; }  // calls served without an upload
+
+ private:
+  struct Entry {
+    Device dev;
+    int64_t E = 0, N = 0;
+    std::vector<int32_t> rows, experts;
+    detail::DeviceGrouping grouping;
+  };
+  std::size_t capacity_;
+  std::vector<Entry> entries_;
+  int64_t hits_ = 0;
+};
+
+namespace detail {
+
 // The device path: one segmented product for all experts (DeviceBackend::grouped_lora_*), with the
-// assignments sorted by expert on the host and uploaded with the segment offsets.
+// assignments sorted by expert on the host and uploaded with the segment offsets (once per routing
+// with a GroupingCache).
 inline Tensor grouped_lora_device(const Tensor& x, const std::vector<Tensor>& A, const std::vector<Tensor>& B,
-                                  const std::vector<int32_t>& rows, const Tensor& weights, double scale,
-                                  const ExpertGroups& groups) {
+                                  const DeviceGrouping& grouping, const Tensor& weights, double scale) {
   check_device_f32(x, "grouped_lora");
   const Device dev = x.device();
   const int64_t E = static_cast<int64_t>(A.size()), N = x.size(0), In = x.size(1), Out = B[0].size(0);
-  const int64_t R = A[0].size(0), M = static_cast<int64_t>(rows.size());
+  const int64_t R = A[0].size(0), M = grouping.rows.numel();
   for (int64_t e = 0; e < E; ++e) {
     MOA_CHECK(A[e].size(0) == R, ShapeError, "grouped_lora: on ", dev.str(), " every expert needs one rank, got ", R,
               " and ", A[e].size(0), " (expert ", e, ")");
     MOA_CHECK(A[e].device() == dev && B[e].device() == dev, DeviceError, "grouped_lora: expert ", e,
               " is not on ", dev.str());
   }
-  std::vector<int32_t> rows_g(static_cast<std::size_t>(M)), order(static_cast<std::size_t>(M)), seg;
-  std::vector<char> seen(static_cast<std::size_t>(N), 0);
-  bool unique = true;
-  for (int64_t j = 0; j < M; ++j) {
-    order[j] = static_cast<int32_t>(groups.order[j]);
-    rows_g[j] = rows[groups.order[j]];
-    unique = unique && !seen[rows_g[j]];
-    seen[rows_g[j]] = 1;
-  }
-  for (int64_t b : groups.begin) seg.push_back(static_cast<int32_t>(b));
-  const Tensor rows_d = Tensor::from_vector(rows_g).to(dev), seg_d = Tensor::from_vector(seg).to(dev);
-  const Tensor order_d = Tensor::from_vector(order).to(dev);
+  const Tensor rows_d = grouping.rows, seg_d = grouping.seg, order_d = grouping.order;
+  const bool unique = grouping.unique;
   const Tensor xc = x.contiguous();
   Tensor wg;  // weights in grouped order
   if (weights.defined() && M > 0) {
@@ -108,7 +172,7 @@ inline Tensor grouped_lora_device(const Tensor& x, const std::vector<Tensor>& A,
     const std::vector<Tensor> Ad = detached(Ac), Bd = detached(Bc);
     autograd::record(
         "grouped_lora", out, inputs,
-        [xd = xc.detach(), wg, h, Ad, Bd, rows_d, seg_d, order_d, begin = groups.begin, scale, dims, unique](
+        [xd = xc.detach(), wg, h, Ad, Bd, rows_d, seg_d, order_d, begin = grouping.begin, scale, dims, unique](
             const Tensor& g, const std::vector<char>& needs) {
           const int64_t E = dims.E, M = dims.M;
           const Device dev = g.device();
@@ -149,9 +213,11 @@ inline Tensor grouped_lora_device(const Tensor& x, const std::vector<Tensor>& A,
 
 }  // namespace detail
 
+// cache (optional): on a device, reuse the uploaded grouping of an earlier call with the same rows
+// and experts (see GroupingCache); ignored on the cpu.
 inline Tensor grouped_lora(const Tensor& x, const std::vector<Tensor>& A, const std::vector<Tensor>& B,
                            const std::vector<int32_t>& rows, const std::vector<int32_t>& experts,
-                           const Tensor& weights, double scale) {
+                           const Tensor& weights, double scale, GroupingCache* cache = nullptr) {
   const int64_t E = static_cast<int64_t>(A.size());
   MOA_CHECK(E >= 1 && B.size() == A.size(), ValueError, "grouped_lora: expected at least one expert and as many B as A, got ",
             A.size(), " A and ", B.size(), " B");
@@ -178,8 +244,12 @@ inline Tensor grouped_lora(const Tensor& x, const std::vector<Tensor>& A, const 
     MOA_CHECK(weights.dim() == 1 && weights.size(0) == M && weights.dtype() == x.dtype(), ShapeError,
               "grouped_lora: expected weights (", M, "), got ", shape_str(weights.shape()));
 
+  if (on_device(x)) {
+    if (cache) return detail::grouped_lora_device(x, A, B, cache->get(rows, experts, E, N, x.device()), weights, scale);
+    return detail::grouped_lora_device(
+        x, A, B, detail::upload_grouping(rows, detail::group_by_expert(experts, E), N, x.device()), weights, scale);
+  }
   const detail::ExpertGroups groups = detail::group_by_expert(experts, E);
-  if (on_device(x)) return detail::grouped_lora_device(x, A, B, rows, weights, scale, groups);
   const Tensor xc = x.contiguous();
   const Tensor wc = weights.defined() ? weights.contiguous() : Tensor();
   std::vector<Tensor> Ac, Bc, H(static_cast<std::size_t>(E));

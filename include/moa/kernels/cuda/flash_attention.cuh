@@ -20,33 +20,23 @@
 //            backward is deterministic (it recomputes S and dP once more than FlashAttention-2).
 //   delta_i = dout_i . out_i comes from the caller (row_dot).
 //
-// The kernels use only dynamic shared memory, __syncthreads, __syncwarp, shuffles and WMMA, so
-// tests/unit/cuda_emulator.hpp can run this same source on the CPU (MOA_CUDA_EMULATE): the tiling,
-// masking and synchronisation are tested on every machine; tests/cuda/ tests them on the GPU.
+// The kernels use only dynamic shared memory, __syncthreads, __syncwarp, shuffles and WMMA, and
+// launch through launch.cuh, so tests/unit/cuda_emulator.hpp runs this same source, launchers
+// included, on the CPU (MOA_CUDA_EMULATE): the tiling, masking and synchronisation are tested on
+// every machine; tests/cuda/ tests them on the GPU.
 #pragma once
 
 #ifndef MOA_CUDA_EMULATE
 #include <cuda_bf16.h>
-#include <cuda_runtime.h>
 #include <mma.h>
-
-#include "moa/core/error.hpp"
-#include "moa/kernels/cuda/check.cuh"
 #endif
 
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 
-#ifdef MOA_CUDA_EMULATE
-#define MOA_FLASH_UNROLL
-#else
-#define MOA_FLASH_UNROLL _Pragma("unroll")
-#endif
-
-#ifndef MOA_CUDA_DYNAMIC_SMEM
-#define MOA_CUDA_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
-#endif
+#include "moa/core/error.hpp"
+#include "moa/kernels/cuda/launch.cuh"
 
 namespace moa::kernels::cuda {
 
@@ -120,11 +110,11 @@ __device__ __forceinline__ void load_tile(bf16* dst, int ld, const float* src, i
 // A the warp's 16 rows (16 x Dp, ld lda) and B 64 rows (64 x Dp, ld ldb), both bf16.
 template <int DT>
 __device__ __forceinline__ void scores16(float* out, const bf16* A, int lda, const bf16* Bm, int ldb) {
-MOA_FLASH_UNROLL
+MOA_UNROLL
   for (int n = 0; n < kTile / 16; ++n) {
     FragC acc;
     wmma::fill_fragment(acc, 0.f);
-MOA_FLASH_UNROLL
+MOA_UNROLL
     for (int d = 0; d < DT; ++d) {
       FragA a;
       FragBCol b;
@@ -139,11 +129,11 @@ MOA_FLASH_UNROLL
 // acc[n] += P (16 x 64 bf16, ld kLdP) x M (64 x Dp bf16, ld ldm), n over the Dp / 16 column blocks.
 template <int DT>
 __device__ __forceinline__ void accumulate16(FragC (&acc)[DT], const bf16* P, const bf16* M, int ldm) {
-MOA_FLASH_UNROLL
+MOA_UNROLL
   for (int kk = 0; kk < kTile / 16; ++kk) {
     FragA a;
     wmma::load_matrix_sync(a, P + kk * 16, kLdP);
-MOA_FLASH_UNROLL
+MOA_UNROLL
     for (int n = 0; n < DT; ++n) {
       FragBRow b;
       wmma::load_matrix_sync(b, M + kk * 16 * ldm + n * 16, ldm);
@@ -158,7 +148,7 @@ template <int DT>
 __device__ __forceinline__ void write16(float* dst, int64_t r0, int64_t rows, int D, const FragC (&acc)[DT],
                                         float* stage, float scale, int lane) {
   constexpr int LdO = Dims<DT>::LdO;
-MOA_FLASH_UNROLL
+MOA_UNROLL
   for (int n = 0; n < DT; ++n) wmma::store_matrix_sync(stage + n * 16, acc[n], LdO, wmma::mem_row_major);
   __syncwarp();
   for (int rr = 0; rr < 16; ++rr) {
@@ -239,12 +229,12 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(float* out, float* ls
 
     // O (the warp's 16 rows) += P V
     FragC acc[DT];
-MOA_FLASH_UNROLL
+MOA_UNROLL
     for (int n = 0; n < DT; ++n)
       wmma::load_matrix_sync(acc[n], Os + warp * 16 * LdO + n * 16, LdO, wmma::mem_row_major);
     accumulate16<DT>(acc, Ps + warp * 16 * kLdP, Vs, LdK);
     __syncwarp();  // every lane has read its part of O before any lane writes O back
-MOA_FLASH_UNROLL
+MOA_UNROLL
     for (int n = 0; n < DT; ++n)
       wmma::store_matrix_sync(Os + warp * 16 * LdO + n * 16, acc[n], LdO, wmma::mem_row_major);
     __syncwarp();
@@ -296,7 +286,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(float* dk, float* dv, con
   load_tile<Dp>(Vs, LdK, v + bkv * s.Tk * s.D, k0, s.Tk, D, tid);
 
   FragC dK[DT], dV[DT];
-MOA_FLASH_UNROLL
+MOA_UNROLL
   for (int n = 0; n < DT; ++n) {
     wmma::fill_fragment(dK[n], 0.f);
     wmma::fill_fragment(dV[n], 0.f);
@@ -378,7 +368,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(float* dq, const float* do
     delta_s[tid] = i < s.Tq ? delta[bh * s.Tq + i] : 0.f;
   }
   FragC dQ[DT];
-MOA_FLASH_UNROLL
+MOA_UNROLL
   for (int n = 0; n < DT; ++n) wmma::fill_fragment(dQ[n], 0.f);
 
   const int r = lane >> 1, half = lane & 1, row = warp * 16 + r;
@@ -425,8 +415,6 @@ void dispatch_tiles(int64_t D, F&& f) {
 
 }  // namespace flash
 
-#ifndef MOA_CUDA_EMULATE
-
 // Whether the tensor-core kernels take this shape: a head of at most 128 and at least 16 queries
 // (a decode step, Tq = 1, stays on the row kernels of attention.cuh).
 inline bool flash_attention_supported(const AttentionShape& s) { return s.D >= 1 && s.D <= flash::kMaxHead && s.Tq >= 16; }
@@ -461,8 +449,9 @@ inline void flash_attention_forward(float* out, float* lse, const float* q, cons
   const unsigned grid = flash::detail::blocks(s.B * s.Hq * qtiles, "flash_attention_forward");
   flash::dispatch_tiles(s.D, [&]<int DT>() {
     constexpr std::size_t smem = flash::Dims<DT>::forward_smem;
-    flash::detail::set_smem(flash::forward_kernel<DT>, smem);
-    flash::forward_kernel<DT><<<grid, flash::kThreads, smem, stream>>>(out, lse, q, k, v, s, scale);
+    auto* kernel = flash::forward_kernel<DT>;
+    flash::detail::set_smem(kernel, smem);
+    MOA_CUDA_LAUNCH(kernel, grid, flash::kThreads, smem, stream, out, lse, q, k, v, s, scale);
     MOA_CUDA_LAUNCH_CHECK();
   });
 }
@@ -481,21 +470,21 @@ inline void flash_attention_backward(float* dq, float* dk, float* dv, const floa
   flash::dispatch_tiles(s.D, [&]<int DT>() {
     if (dq) {
       constexpr std::size_t smem = flash::Dims<DT>::dq_smem;
-      flash::detail::set_smem(flash::dq_kernel<DT>, smem);
-      flash::dq_kernel<DT><<<flash::detail::blocks(s.B * s.Hq * qtiles, "flash_attention_backward"), flash::kThreads,
-                             smem, stream>>>(dq, dout, q, k, v, lse, delta, s, scale);
+      auto* kernel = flash::dq_kernel<DT>;
+      flash::detail::set_smem(kernel, smem);
+      MOA_CUDA_LAUNCH(kernel, flash::detail::blocks(s.B * s.Hq * qtiles, "flash_attention_backward"),
+                      flash::kThreads, smem, stream, dq, dout, q, k, v, lse, delta, s, scale);
       MOA_CUDA_LAUNCH_CHECK();
     }
     if (dk) {
       constexpr std::size_t smem = flash::Dims<DT>::dkv_smem;
-      flash::detail::set_smem(flash::dkv_kernel<DT>, smem);
-      flash::dkv_kernel<DT><<<flash::detail::blocks(s.B * s.Hkv * ktiles, "flash_attention_backward"),
-                              flash::kThreads, smem, stream>>>(dk, dv, dout, q, k, v, lse, delta, s, scale);
+      auto* kernel = flash::dkv_kernel<DT>;
+      flash::detail::set_smem(kernel, smem);
+      MOA_CUDA_LAUNCH(kernel, flash::detail::blocks(s.B * s.Hkv * ktiles, "flash_attention_backward"),
+                      flash::kThreads, smem, stream, dk, dv, dout, q, k, v, lse, delta, s, scale);
       MOA_CUDA_LAUNCH_CHECK();
     }
   });
 }
-
-#endif  // MOA_CUDA_EMULATE
 
 }  // namespace moa::kernels::cuda

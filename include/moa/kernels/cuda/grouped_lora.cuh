@@ -17,12 +17,10 @@
 // The matrices A_e, B_e are small (R x In, Out x R) and stay in L1/L2; x and y are streamed once.
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
 #include "moa/core/error.hpp"
-#include "moa/kernels/cuda/check.cuh"
+#include "moa/kernels/cuda/launch.cuh"
 #include "moa/kernels/cuda/reduce.cuh"
 
 namespace moa::kernels::cuda {
@@ -51,60 +49,117 @@ __device__ __forceinline__ int find_segment(const int32_t* seg, int E, int64_t j
   return lo;
 }
 
-// out[j, r] = s_j * sum_k in[rows[j], k] * W_e[r * sr + k * sk], one warp per assignment j;
-// s_j = scale * (w ? w[j] : 1). Lanes split k (coalesced reads of the input row).
+// Assignments per warp in shrink and expand: every weight a lane reads serves this many
+// assignments of the same expert (64 accumulators per lane whatever the rank).
+template <int RMax>
+constexpr int sgmv_rows = RMax <= 8 ? 8 : 64 / RMax;  // 8, 4, 2, 1
+
+// Calls run(e, j, n) for the runs of the warp's assignments [first, min(first + Rows, M)) that
+// share an expert: assignments j .. j + n - 1 of expert e (segments are contiguous, so a warp meets
+// at most a few experts). The same for every lane of the warp.
+template <class Run>
+__device__ __forceinline__ void for_each_run(const int32_t* seg, int E, int64_t first, int64_t last, Run&& run) {
+  for (int64_t j = first; j < last;) {
+    const int e = find_segment(seg, E, j);
+    const int64_t end = seg[e + 1] < last ? seg[e + 1] : last;
+    run(e, j, static_cast<int>(end - j));
+    j = end;
+  }
+}
+
+// out[j, r] = s_j * sum_k in[rows[j], k] * W_e[r * sr + k * sk], s_j = scale * (w ? w[j] : 1).
+// One warp per sgmv_rows<RMax> assignments: lanes split k (coalesced reads of the input rows),
+// each weight read once for all the warp's assignments of its expert.
 template <int RMax>
 __global__ void sgmv_shrink_kernel(float* out, const float* in, int64_t ld_in, const float* const* W, int64_t sr,
                                    int64_t sk, int64_t K, int R, const int32_t* rows, const int32_t* seg, int E,
                                    int64_t M, float scale, const float* w) {
+  constexpr int Rows = sgmv_rows<RMax>;
   const int lane = threadIdx.x & 31;
-  const int64_t j = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (j >= M) return;
-  const float* We = W[find_segment(seg, E, j)];
-  const float* xr = in + static_cast<int64_t>(rows[j]) * ld_in;
-  float acc[RMax];
-#pragma unroll
-  for (int r = 0; r < RMax; ++r) acc[r] = 0.f;
-  for (int64_t k = lane; k < K; k += 32) {
-    const float xv = xr[k];
-#pragma unroll
-    for (int r = 0; r < RMax; ++r)
-      if (r < R) acc[r] += xv * We[r * sr + k * sk];
-  }
-  const float s = scale * (w ? w[j] : 1.f);
-#pragma unroll
-  for (int r = 0; r < RMax; ++r) {
-    if (r >= R) break;
-    const float v = warp_sum(acc[r]);
-    if (lane == (r & 31)) out[j * R + r] = s * v;
-  }
+  const int64_t first = (blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5)) * Rows;
+  const int64_t last = first + Rows < M ? first + Rows : M;
+  for_each_run(seg, E, first, last, [&](int e, int64_t j, int n) {
+    const float* We = W[e];
+    const float* xr[Rows];
+    float acc[Rows][RMax];
+    MOA_UNROLL
+    for (int i = 0; i < Rows; ++i) {
+      xr[i] = in + static_cast<int64_t>(rows[j + (i < n ? i : 0)]) * ld_in;
+      MOA_UNROLL
+      for (int r = 0; r < RMax; ++r) acc[i][r] = 0.f;
+    }
+    for (int64_t k = lane; k < K; k += 32) {
+      float xv[Rows];
+      MOA_UNROLL
+      for (int i = 0; i < Rows; ++i) xv[i] = i < n ? xr[i][k] : 0.f;
+      MOA_UNROLL
+      for (int r = 0; r < RMax; ++r) {
+        if (r < R) {
+          const float wv = We[r * sr + k * sk];
+          MOA_UNROLL
+          for (int i = 0; i < Rows; ++i) acc[i][r] += xv[i] * wv;
+        }
+      }
+    }
+    MOA_UNROLL
+    for (int i = 0; i < Rows; ++i) {
+      if (i >= n) break;  // n is the same for the whole warp
+      const float s = scale * (w ? w[j + i] : 1.f);
+      MOA_UNROLL
+      for (int r = 0; r < RMax; ++r) {
+        if (r >= R) break;
+        const float v = warp_sum(acc[i][r]);
+        if (lane == (r & 31)) out[(j + i) * R + r] = s * v;
+      }
+    }
+  });
 }
 
-// out[rows[j], c] += s_j * sum_r h[j, r] * W_e[c * sc + r * sr], one warp per assignment j; lanes
-// split c. Atomic adds when rows repeat.
+// out[rows[j], c] += s_j * sum_r h[j, r] * W_e[c * sc + r * sr], one warp per sgmv_rows<RMax>
+// assignments; lanes split c, each weight read once for the warp's assignments of its expert.
+// Atomic adds when rows repeat.
 template <int RMax>
 __global__ void sgmv_expand_kernel(float* out, int64_t ld_out, const float* h, const float* const* W, int64_t sc,
                                    int64_t sr, int64_t Cn, int R, const int32_t* rows, const int32_t* seg, int E,
                                    int64_t M, float scale, const float* w, bool atomic) {
+  constexpr int Rows = sgmv_rows<RMax>;
   const int lane = threadIdx.x & 31;
-  const int64_t j = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (j >= M) return;
-  const float* We = W[find_segment(seg, E, j)];
-  const float s = scale * (w ? w[j] : 1.f);
-  float hr[RMax];
-#pragma unroll
-  for (int r = 0; r < RMax; ++r) hr[r] = r < R ? s * h[j * R + r] : 0.f;
-  float* yr = out + static_cast<int64_t>(rows[j]) * ld_out;
-  for (int64_t c = lane; c < Cn; c += 32) {
-    float acc = 0.f;
-#pragma unroll
-    for (int r = 0; r < RMax; ++r)
-      if (r < R) acc += hr[r] * We[c * sc + r * sr];
-    if (atomic)
-      atomicAdd(yr + c, acc);
-    else
-      yr[c] += acc;
-  }
+  const int64_t first = (blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5)) * Rows;
+  const int64_t last = first + Rows < M ? first + Rows : M;
+  for_each_run(seg, E, first, last, [&](int e, int64_t j, int n) {
+    const float* We = W[e];
+    float hr[Rows][RMax];
+    float* yr[Rows];
+    MOA_UNROLL
+    for (int i = 0; i < Rows; ++i) {
+      const int64_t ji = j + (i < n ? i : 0);
+      const float s = i < n ? scale * (w ? w[ji] : 1.f) : 0.f;
+      MOA_UNROLL
+      for (int r = 0; r < RMax; ++r) hr[i][r] = r < R ? s * h[ji * R + r] : 0.f;
+      yr[i] = out + static_cast<int64_t>(rows[ji]) * ld_out;
+    }
+    for (int64_t c = lane; c < Cn; c += 32) {
+      float acc[Rows];
+      MOA_UNROLL
+      for (int i = 0; i < Rows; ++i) acc[i] = 0.f;
+      MOA_UNROLL
+      for (int r = 0; r < RMax; ++r) {
+        if (r < R) {
+          const float wv = We[c * sc + r * sr];
+          MOA_UNROLL
+          for (int i = 0; i < Rows; ++i) acc[i] += hr[i][r] * wv;
+        }
+      }
+      MOA_UNROLL
+      for (int i = 0; i < Rows; ++i) {
+        if (i >= n) break;
+        if (atomic)
+          atomicAdd(yr[i] + c, acc[i]);
+        else
+          yr[i][c] += acc[i];
+      }
+    }
+  });
 }
 
 // out_e[p * sp + q * sq] += sum over j in segment e of coef_j * L[j, p] * G[rows[j], q], p < R, q < Q;
@@ -124,18 +179,18 @@ __global__ void sgmv_outer_kernel(float* const* out, int64_t sp, int64_t sq, con
   const int64_t j1 = j0 + chunk < b + len ? j0 + chunk : b + len;
   if (q >= Q || j0 >= j1 || !out[e]) return;
   float acc[P];
-#pragma unroll
+  MOA_UNROLL
   for (int i = 0; i < P; ++i) acc[i] = 0.f;
   for (int64_t j = j0; j < j1; ++j) {
     const float gq = G[static_cast<int64_t>(rows[j]) * ldg + q] * scale * (w ? w[j] : 1.f);
-#pragma unroll
+    MOA_UNROLL
     for (int i = 0; i < P; ++i) {
       const int p = threadIdx.y + 8 * i;
       if (p < R) acc[i] += L[j * R + p] * gq;
     }
   }
   float* o = out[e];
-#pragma unroll
+  MOA_UNROLL
   for (int i = 0; i < P; ++i) {
     const int p = threadIdx.y + 8 * i;
     if (p < R) atomicAdd(o + p * sp + q * sq, acc[i]);
@@ -174,9 +229,13 @@ void dispatch_rank(int64_t R, F&& f) {
     f.template operator()<64>();
 }
 
-constexpr int sgmv_warps = 8;  // warps (assignments) per block in shrink and expand
+constexpr int sgmv_warps = 8;  // warps per block in shrink and expand
 
-inline unsigned sgmv_blocks(int64_t M) { return static_cast<unsigned>((M + sgmv_warps - 1) / sgmv_warps); }
+template <int RMax>
+unsigned sgmv_blocks(int64_t M) {
+  constexpr int64_t per_block = int64_t(sgmv_warps) * sgmv_rows<RMax>;
+  return static_cast<unsigned>((M + per_block - 1) / per_block);
+}
 
 }  // namespace detail
 
@@ -188,11 +247,14 @@ inline void grouped_lora_forward(float* y, float* h, const float* x, const float
   if (s.M == 0) return;
   const int R = static_cast<int>(s.R), E = static_cast<int>(s.E);
   detail::dispatch_rank(s.R, [&]<int RMax>() {
-    detail::sgmv_shrink_kernel<RMax><<<detail::sgmv_blocks(s.M), 32 * detail::sgmv_warps, 0, stream>>>(
-        h, x, s.In, A, /*sr=*/s.In, /*sk=*/1, s.In, R, rows, seg, E, s.M, 1.f, nullptr);
+    auto* shrink = detail::sgmv_shrink_kernel<RMax>;
+    auto* expand = detail::sgmv_expand_kernel<RMax>;
+    const unsigned blocks = detail::sgmv_blocks<RMax>(s.M);
+    MOA_CUDA_LAUNCH(shrink, blocks, 32 * detail::sgmv_warps, 0, stream, h, x, s.In, A, /*sr=*/s.In, /*sk=*/1, s.In, R,
+                    rows, seg, E, s.M, 1.f, nullptr);
     MOA_CUDA_LAUNCH_CHECK();
-    detail::sgmv_expand_kernel<RMax><<<detail::sgmv_blocks(s.M), 32 * detail::sgmv_warps, 0, stream>>>(
-        y, s.Out, h, B, /*sc=*/s.R, /*sr=*/1, s.Out, R, rows, seg, E, s.M, scale, w, !rows_unique);
+    MOA_CUDA_LAUNCH(expand, blocks, 32 * detail::sgmv_warps, 0, stream, y, s.Out, h, B, /*sc=*/s.R, /*sr=*/1, s.Out, R,
+                    rows, seg, E, s.M, scale, w, !rows_unique);
     MOA_CUDA_LAUNCH_CHECK();
   });
 }
@@ -215,30 +277,34 @@ inline void grouped_lora_backward(float* dx, float* const* dA, float* const* dB,
   int64_t slices = s.M / (s.E * 64);
   slices = slices < 1 ? 1 : (slices > 64 ? 64 : slices);
   detail::dispatch_rank(s.R, [&]<int RMax>() {
+    auto* shrink = detail::sgmv_shrink_kernel<RMax>;
+    auto* expand = detail::sgmv_expand_kernel<RMax>;
+    auto* outer = detail::sgmv_outer_kernel<RMax>;
+    auto* weight_grad = detail::sgmv_weight_grad_kernel;
+    const unsigned blocks = detail::sgmv_blocks<RMax>(s.M);
     // dh without the weights: scale * B_e^T g[row], read as W_e[r, o] = B_e[o * R + r].
-    detail::sgmv_shrink_kernel<RMax><<<detail::sgmv_blocks(s.M), 32 * detail::sgmv_warps, 0, stream>>>(
-        dh, g, s.Out, B, /*sr=*/1, /*sk=*/s.R, s.Out, R, rows, seg, E, s.M, scale, nullptr);
+    MOA_CUDA_LAUNCH(shrink, blocks, 32 * detail::sgmv_warps, 0, stream, dh, g, s.Out, B, /*sr=*/1, /*sk=*/s.R, s.Out,
+                    R, rows, seg, E, s.M, scale, nullptr);
     MOA_CUDA_LAUNCH_CHECK();
     if (dw || w) {
-      detail::sgmv_weight_grad_kernel<<<static_cast<unsigned>((s.M + 255) / 256), 256, 0, stream>>>(dw, dh, h, w, R,
-                                                                                                  s.M);
+      MOA_CUDA_LAUNCH(weight_grad, static_cast<unsigned>((s.M + 255) / 256), 256, 0, stream, dw, dh, h, w, R, s.M);
       MOA_CUDA_LAUNCH_CHECK();
     }
     if (dx) {  // dx[row, i] += sum_r dh[j, r] A_e[r, i]: W_e[i, r] = A_e[r * In + i]
-      detail::sgmv_expand_kernel<RMax><<<detail::sgmv_blocks(s.M), 32 * detail::sgmv_warps, 0, stream>>>(
-          dx, s.In, dh, A, /*sc=*/1, /*sr=*/s.In, s.In, R, rows, seg, E, s.M, 1.f, nullptr, !rows_unique);
+      MOA_CUDA_LAUNCH(expand, blocks, 32 * detail::sgmv_warps, 0, stream, dx, s.In, dh, A, /*sc=*/1, /*sr=*/s.In, s.In,
+                      R, rows, seg, E, s.M, 1.f, nullptr, !rows_unique);
       MOA_CUDA_LAUNCH_CHECK();
     }
     if (dA) {  // dA_e[r, i] += sum_j dh[j, r] x[row_j, i]
       const dim3 grid(static_cast<unsigned>((s.In + 31) / 32), static_cast<unsigned>(E), static_cast<unsigned>(slices));
-      detail::sgmv_outer_kernel<RMax><<<grid, dim3(32, 8), 0, stream>>>(dA, /*sp=*/s.In, /*sq=*/1, dh, x, s.In, s.In,
-                                                                        R, rows, seg, 1.f, nullptr);
+      MOA_CUDA_LAUNCH(outer, grid, dim3(32, 8), 0, stream, dA, /*sp=*/s.In, /*sq=*/1, dh, x, s.In, s.In, R, rows, seg,
+                      1.f, nullptr);
       MOA_CUDA_LAUNCH_CHECK();
     }
     if (dB) {  // dB_e[o, r] += sum_j scale w_j g[row_j, o] h[j, r]
       const dim3 grid(static_cast<unsigned>((s.Out + 31) / 32), static_cast<unsigned>(E), static_cast<unsigned>(slices));
-      detail::sgmv_outer_kernel<RMax><<<grid, dim3(32, 8), 0, stream>>>(dB, /*sp=*/1, /*sq=*/s.R, h, g, s.Out, s.Out,
-                                                                        R, rows, seg, scale, w);
+      MOA_CUDA_LAUNCH(outer, grid, dim3(32, 8), 0, stream, dB, /*sp=*/1, /*sq=*/s.R, h, g, s.Out, s.Out, R, rows, seg,
+                      scale, w);
       MOA_CUDA_LAUNCH_CHECK();
     }
   });

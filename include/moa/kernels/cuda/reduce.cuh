@@ -3,20 +3,22 @@
 // and every thread of the block to call them.
 #pragma once
 
-#include <cuda_runtime.h>
+#include <cmath>
+
+#include "moa/kernels/cuda/launch.cuh"
 
 namespace moa::kernels::cuda::detail {
 
 template <class T>
 __device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
+  MOA_UNROLL
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
 
 template <class T>
 __device__ __forceinline__ T warp_max(T v) {
-#pragma unroll
+  MOA_UNROLL
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
