@@ -12,7 +12,10 @@
 //     4 domains (4 sequences each), the stage-2 loss; reported as its time over the LoRA step's.
 //   Full fine-tuning step, same batch, and greedy decoding with the KV cache (tokens/s).
 //
-//   bench_cuda_lm [--batch 16] [--seq 512] [--steps 10] [--peak-tflops 989] [--precision bf16]
+//   After the table, one profiled LoRA step and one MoA step: the 15 largest device calls of each
+//   (moa/core/profile.hpp; --profile 0 leaves them out).
+//
+//   bench_cuda_lm [--batch 16] [--seq 512] [--steps 10] [--peak-tflops 989] [--precision bf16] [--profile 1]
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -54,6 +57,17 @@ double time_steps(moa::optim::AdamW& opt, const std::function<moa::Tensor()>& lo
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count() / steps;
 }
 
+// One more step with every device call timed (moa/core/profile.hpp): where the step's time goes.
+std::string profile_step(moa::optim::AdamW& opt, const std::function<moa::Tensor()>& loss_of, moa::Device dev) {
+  moa::DeviceProfile profile(dev);
+  moa::Tensor loss = loss_of();
+  opt.zero_grad();
+  loss.backward();
+  opt.step();
+  (void)loss.item<double>();
+  return profile.report(15);
+}
+
 void row(const char* what, double ms, const std::string& value) {
   std::printf("| %-62s | %9.2f | %-30s |\n", what, ms, value.c_str());
 }
@@ -72,8 +86,11 @@ int main(int argc, char** argv) {
   int steps = 10;
   double peak = 989.0;
   std::string precision = "bf16";
+  bool profile = true;
+  std::string profiles;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
+    if (k == "--profile") profile = std::string(argv[i + 1]) != "0";
     if (k == "--batch") B = std::atoll(argv[i + 1]);
     else if (k == "--seq") T = std::atoll(argv[i + 1]);
     else if (k == "--steps") steps = std::atoi(argv[i + 1]);
@@ -110,6 +127,7 @@ int main(int argc, char** argv) {
     for (const auto& t : model.trainable_parameters()) n_lora += static_cast<double>(t.numel());
     moa::optim::AdamW opt(model.trainable_parameters(), {.lr = 1e-4});
     lora_ms = time_steps(opt, [&] { return model.loss(x, y); }, steps);
+    if (profile) profiles += "\n### LoRA step, by device call\n\n" + profile_step(opt, [&] { return model.loss(x, y); }, dev);
     const double flops = tokens * (4 * (n_blocks + n_head) + 6 * n_lora + 12 * L * static_cast<double>(T) * C);
     const double tflops = flops / (lora_ms * 1e-3) / 1e12;
     row("LoRA r16 step (all linears), model FLOPs", lora_ms, fmt("%.1f TFLOP/s = %.1f%% of peak", tflops, 100 * tflops / peak));
@@ -124,6 +142,7 @@ int main(int argc, char** argv) {
     for (int64_t b = 0; b < B; ++b) dom.push_back(static_cast<int32_t>(b % 4));
     moa::mixture::MoABatch mb{x, y, moa::Tensor::ones({B, T}, moa::DType::f32, dev), dom};
     const double ms = time_steps(opt, [&] { return m.loss(mb)[0]; }, steps);
+    if (profile) profiles += "\n### MoA step, by device call\n\n" + profile_step(opt, [&] { return m.loss(mb)[0]; }, dev);
     row("MoA step, 4 experts, batch mixing 4 domains", ms, fmt("%.3fx the LoRA step (target <= 1.1)", ms / lora_ms));
   }
   {
@@ -146,5 +165,8 @@ int main(int argc, char** argv) {
   }
   std::printf("\ndevice mallocs: %lld (the caching allocator reuses blocks across steps)\n",
               static_cast<long long>(moa::backend(dev).device_malloc_count(0)));
+  // The profiled steps wait for the device around every call, so they run slower than the timed
+  // ones; the split is what they are for.
+  std::fputs(profiles.c_str(), stdout);
   return 0;
 }

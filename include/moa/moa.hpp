@@ -7,6 +7,7 @@
 #include "moa/core/error.hpp"
 #include "moa/core/half.hpp"
 #include "moa/core/parallel.hpp"
+#include "moa/core/profile.hpp"
 #include "moa/core/rng.hpp"
 #include "moa/core/shape.hpp"
 #include "moa/core/storage.hpp"

@@ -472,21 +472,50 @@ TEST_CASE("adamw: bit-identical to the float32 update of moa::optim::AdamW; grad
   }
 }
 
+namespace {
+
+// Random q, k, v (B, H, T, D), an upstream gradient g, and the reference forward and backward.
+struct AttentionCase {
+  int64_t nq, nk, nl;
+  float scale;
+  std::vector<float> q, k, v, g, out, lse, dq, dk, dv;
+};
+
+AttentionCase attention_case(const kc::AttentionShape& s) {
+  AttentionCase c;
+  c.nq = s.B * s.Hq * s.Tq * s.D;
+  c.nk = s.B * s.Hkv * s.Tk * s.D;
+  c.nl = s.B * s.Hq * s.Tq;
+  c.scale = 1.f / std::sqrt(static_cast<float>(s.D));
+  c.q = randv(c.nq, -2.f, 2.f);
+  c.k = randv(c.nk, -2.f, 2.f);
+  c.v = randv(c.nk);
+  c.g = randv(c.nq);
+  c.out.resize(c.nq);
+  c.lse.resize(c.nl);
+  c.dq.resize(c.nq);
+  c.dk.resize(c.nk);
+  c.dv.resize(c.nk);
+  ref::attention_forward<float>(c.out.data(), c.lse.data(), c.q.data(), c.k.data(), c.v.data(), s.B, s.Hq, s.Hkv,
+                                s.Tq, s.Tk, s.D, c.scale);
+  ref::attention_backward<float>(c.dq.data(), c.dk.data(), c.dv.data(), c.g.data(), c.q.data(), c.k.data(),
+                                 c.v.data(), c.out.data(), c.lse.data(), s.B, s.Hq, s.Hkv, s.Tq, s.Tk, s.D, c.scale);
+  return c;
+}
+
+}  // namespace
+
 TEST_CASE("attention: causal forward and backward, multi-head, grouped-query, a KV cache, odd sizes") {
   const std::vector<kc::AttentionShape> shapes{
       {1, 1, 1, 1, 1, 1},   {2, 4, 2, 7, 7, 33},  {1, 2, 1, 5, 9, 64},  {1, 3, 3, 33, 33, 128},
       {1, 2, 2, 257, 257, 64}, {1, 1, 1, 7, 7, 256}, {2, 6, 2, 1, 17, 96}};
   for (const kc::AttentionShape& s : shapes) {
     INFO("B ", s.B, " Hq ", s.Hq, " Hkv ", s.Hkv, " Tq ", s.Tq, " Tk ", s.Tk, " D ", s.D);
-    const int64_t nq = s.B * s.Hq * s.Tq * s.D, nk = s.B * s.Hkv * s.Tk * s.D, nl = s.B * s.Hq * s.Tq;
-    const float scale = 1.f / std::sqrt(static_cast<float>(s.D));
-    std::vector<float> q = randv(nq, -2.f, 2.f), k = randv(nk, -2.f, 2.f), v = randv(nk), g = randv(nq);
-    std::vector<float> out(nq), lse(nl), dq(nq), dk(nk), dv(nk);
-    ref::attention_forward<float>(out.data(), lse.data(), q.data(), k.data(), v.data(), s.B, s.Hq, s.Hkv, s.Tq, s.Tk,
-                                  s.D, scale);
-    ref::attention_backward<float>(dq.data(), dk.data(), dv.data(), g.data(), q.data(), k.data(), v.data(), out.data(),
-                                   lse.data(), s.B, s.Hq, s.Hkv, s.Tq, s.Tk, s.D, scale);
-    auto dqv = up(q), dkv = up(k), dvv = up(v), dg = up(g);
+    const AttentionCase c = attention_case(s);
+    const int64_t nq = c.nq, nk = c.nk, nl = c.nl;
+    const float scale = c.scale;
+    const auto &out = c.out, &lse = c.lse, &dq = c.dq, &dk = c.dk, &dv = c.dv;
+    auto dqv = up(c.q), dkv = up(c.k), dvv = up(c.v), dg = up(c.g);
     kc::DeviceBuffer<float> dout(nq), dlse(nl), ddq(nq), ddk(nk), ddv(nk), delta(nl);
     kc::attention_forward(dout.data(), dlse.data(), dqv.data(), dkv.data(), dvv.data(), s, scale);
     kc::attention_backward(ddq.data(), ddk.data(), ddv.data(), delta.data(), dg.data(), dqv.data(), dkv.data(),
@@ -510,15 +539,11 @@ TEST_CASE("flash attention (tensor cores, bf16 products): forward and backward a
   for (const kc::AttentionShape& s : shapes) {
     INFO("B ", s.B, " Hq ", s.Hq, " Hkv ", s.Hkv, " Tq ", s.Tq, " Tk ", s.Tk, " D ", s.D);
     CHECK(kc::flash_attention_supported(s));
-    const int64_t nq = s.B * s.Hq * s.Tq * s.D, nk = s.B * s.Hkv * s.Tk * s.D, nl = s.B * s.Hq * s.Tq;
-    const float scale = 1.f / std::sqrt(static_cast<float>(s.D));
-    std::vector<float> q = randv(nq, -2.f, 2.f), k = randv(nk, -2.f, 2.f), v = randv(nk), g = randv(nq);
-    std::vector<float> out(nq), lse(nl), dq(nq), dk(nk), dv(nk);
-    ref::attention_forward<float>(out.data(), lse.data(), q.data(), k.data(), v.data(), s.B, s.Hq, s.Hkv, s.Tq, s.Tk,
-                                  s.D, scale);
-    ref::attention_backward<float>(dq.data(), dk.data(), dv.data(), g.data(), q.data(), k.data(), v.data(), out.data(),
-                                   lse.data(), s.B, s.Hq, s.Hkv, s.Tq, s.Tk, s.D, scale);
-    auto dqv = up(q), dkv = up(k), dvv = up(v), dg = up(g);
+    const AttentionCase c = attention_case(s);
+    const int64_t nq = c.nq, nk = c.nk, nl = c.nl;
+    const float scale = c.scale;
+    const auto &out = c.out, &lse = c.lse, &dq = c.dq, &dk = c.dk, &dv = c.dv;
+    auto dqv = up(c.q), dkv = up(c.k), dvv = up(c.v), dg = up(c.g);
     kc::DeviceBuffer<float> dout(nq), dlse(nl), ddq(nq), ddk(nk), ddv(nk), delta(nl);
     kc::flash_attention_forward(dout.data(), dlse.data(), dqv.data(), dkv.data(), dvv.data(), s, scale);
     kc::row_dot(delta.data(), dg.data(), dout.data(), nl, s.D, nullptr);

@@ -110,3 +110,55 @@ TEST_CASE("device (mock): a GroupingCache uploads a routing once for all the cal
   cache.clear();
   CHECK(cache.size() == 0);
 }
+
+TEST_CASE("device (mock): DeviceProfile times every kernel call of a training step and changes nothing") {
+  testing::MockDeviceScope mock;
+  const Device dev = Device::cuda();
+  auto step = [&](nn::TransformerLM& m) {
+    optim::AdamW opt(m.trainable_parameters(), {.lr = 1e-2});
+    const Tensor loss = m.loss(device_suite::ids({2, 9}, 23, 7), device_suite::ids({2, 9}, 23, 8));
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+    return loss.item<double>();
+  };
+  nn::TransformerLM plain(device_suite::tiny(false), 4), profiled(device_suite::tiny(false), 4);
+  plain.to(dev);
+  profiled.to(dev);
+  const double loss_plain = step(plain);
+  Tensor outlives;  // allocated through the profile, released after it
+  std::vector<ProfilingBackend::Entry> entries;
+  std::string report;
+  {
+    DeviceProfile profile(dev);
+    CHECK(&backend(dev) == &profile.backend());
+    CHECK(step(profiled) == loss_plain);  // the same calls reach the same kernels
+    outlives = Tensor::zeros({5}, DType::f32, dev);
+    entries = profile.entries();
+    report = profile.report(5);
+  }
+  CHECK(&backend(dev) == &mock.device);  // the plain backend again
+  CHECK(outlives.to_vector<float>() == std::vector<float>(5, 0.f));
+  outlives = Tensor();  // freed by the mock (memory_backend), not by the profile that is gone
+  const auto pp = plain.named_parameters(), pq = profiled.named_parameters();
+  for (std::size_t i = 0; i < pp.size(); ++i) CHECK(pp[i].second.to_vector<float>() == pq[i].second.to_vector<float>());
+
+  auto find = [&](const std::string& prefix) {
+    for (const auto& e : entries)
+      if (e.name.rfind(prefix, 0) == 0) return e;
+    return ProfilingBackend::Entry{};
+  };
+  // 2 sequences of 9 tokens, dim 16: the tied LM head's product is (18 x 16) x (16 x 23)
+  const auto head = find("gemm f32 18x23x16");
+  CHECK(head.calls >= 1);
+  CHECK(head.flops == doctest::Approx(2.0 * 18 * 23 * 16 * head.calls));
+  CHECK(find("attention_forward").calls == 2);  // one per layer
+  CHECK(find("attention_backward").calls == 2);
+  CHECK(find("cross_entropy_forward").calls == 1);
+  CHECK(find("adamw_step").calls >= 1);
+  for (std::size_t i = 1; i < entries.size(); ++i) CHECK(entries[i - 1].seconds >= entries[i].seconds);
+  CHECK(report.find("| device call | calls | ms | share | TFLOP/s |") == 0);
+  CHECK(report.find("more) |") != std::string::npos);
+  CHECK(report.find("timed device calls:") != std::string::npos);
+  CHECK_THROWS_AS(DeviceProfile(Device::cpu()), Error);
+}

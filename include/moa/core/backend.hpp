@@ -73,6 +73,9 @@ class DeviceBackend {
   virtual void release(void* p, std::size_t nbytes, int device) noexcept = 0;
   virtual void empty_cache(int device) = 0;
   virtual std::int64_t device_malloc_count(int device) const = 0;  // real device mallocs so far
+  // The backend whose release() frees what allocate() returns; storage keeps this one, so it may
+  // outlive a wrapper (moa/core/profile.hpp) that forwards allocate().
+  virtual DeviceBackend& memory_backend() { return *this; }
   virtual void copy_to_device(void* dst, const void* host_src, std::size_t nbytes, int device) = 0;
   virtual void copy_to_host(void* host_dst, const void* src, std::size_t nbytes, int device) = 0;  // synchronous
   virtual void copy_device(void* dst, const void* src, std::size_t nbytes, int device) = 0;

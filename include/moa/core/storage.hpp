@@ -141,7 +141,7 @@ struct Storage {
   static std::shared_ptr<Storage> allocate(std::size_t nbytes, Device device) {
     auto s = std::make_shared<Storage>();
     if (device.type != DeviceType::cpu) {
-      DeviceBackend* b = &backend(device);
+      DeviceBackend* b = &backend(device).memory_backend();
       const int index = device.index;
       void* p = b->allocate(nbytes, index);
       try {

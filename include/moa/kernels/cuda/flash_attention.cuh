@@ -66,19 +66,54 @@ struct Dims {
   static constexpr std::size_t out_f = sizeof(float) * kTile * LdO;
   // forward: Q, K, V, S, P, O
   static constexpr std::size_t forward_smem = 3 * tile_h + scores + probs + out_f;
-  // dk/dv: K, V, Q, dO, S, dP, P^T, dS^T, lse, delta (the 16-row staging of the result reuses S, dP)
-  static constexpr std::size_t dkv_smem = 4 * tile_h + 2 * scores + 2 * probs + 2 * sizeof(float) * kTile;
-  // dq: Q, dO, K, V, S, dP, dS, lse, delta
-  static constexpr std::size_t dq_smem = 4 * tile_h + 2 * scores + probs + 2 * sizeof(float) * kTile;
+  // dk/dv and dq: four bf16 tiles (K, V, Q, dO), S, dP, two bf16 products (P^T and dS^T, or dS),
+  // lse, delta; the 16-row staging of the results reuses S and dP.
+  static constexpr std::size_t backward_smem = 4 * tile_h + 2 * scores + 2 * probs + 2 * sizeof(float) * kTile;
   static_assert(2 * scores >= out_f, "the result staging reuses the two score buffers");
+};
+
+// The shared memory of the backward kernels, carved from the dynamic buffer.
+template <int DT>
+struct BackwardSmem {
+  __nv_bfloat16 *t0, *t1, *t2, *t3;  // 64 x LdK bf16 tiles
+  float *S, *dP;                      // 64 x kLdS
+  __nv_bfloat16 *p0, *p1;             // 64 x kLdP
+  float *lse, *delta;                 // 64 each
+  __device__ explicit BackwardSmem(unsigned char* smem) {
+    constexpr int LdK = Dims<DT>::LdK;
+    t0 = reinterpret_cast<__nv_bfloat16*>(smem);
+    t1 = t0 + kTile * LdK;
+    t2 = t1 + kTile * LdK;
+    t3 = t2 + kTile * LdK;
+    S = reinterpret_cast<float*>(t3 + kTile * LdK);
+    dP = S + kTile * kLdS;
+    p0 = reinterpret_cast<__nv_bfloat16*>(dP + kTile * kLdS);
+    p1 = p0 + kTile * kLdP;
+    lse = reinterpret_cast<float*>(p1 + kTile * kLdP);
+    delta = lse + kTile;
+  }
+};
+
+// The query tile of a forward or dq block (blockIdx.x over B * Hq * query tiles; the longest,
+// last, tiles first) and what it reads.
+struct QueryTile {
+  int64_t q0, bh, bkv, off, key_tiles;
+  __device__ explicit QueryTile(const AttentionShape& s) {
+    const int64_t qtiles = (s.Tq + kTile - 1) / kTile, bid = blockIdx.x;
+    q0 = (qtiles - 1 - bid % qtiles) * kTile;
+    bh = bid / qtiles;  // over B * Hq
+    const int64_t b = bh / s.Hq, h = bh - b * s.Hq;
+    bkv = b * s.Hkv + h / (s.Hq / s.Hkv);
+    off = s.Tk - s.Tq;
+    const int64_t last = q0 + kTile < s.Tq ? q0 + kTile : s.Tq;  // one past the tile's last query
+    key_tiles = (off + last - 1) / kTile + 1;                       // the keys up to its last query's
+  }
 };
 
 using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major>;
 using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major>;
 using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major>;
 using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-
-__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // dst (64 x Dp bf16, row stride ld) = rows r0 .. r0 + 63 of src (rows x D f32), zero outside.
 template <int Dp>
@@ -174,15 +209,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(float* out, float* ls
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int D = static_cast<int>(s.D);
-  const int64_t qtiles = (s.Tq + kTile - 1) / kTile;
-  const int64_t bid = blockIdx.x;
-  const int64_t qt = qtiles - 1 - bid % qtiles;  // the longest (last) query tiles first
-  const int64_t bh = bid / qtiles;               // over B * Hq
-  const int64_t b = bh / s.Hq, h = bh - b * s.Hq;
-  const int64_t bkv = b * s.Hkv + h / (s.Hq / s.Hkv);
-  const int64_t q0 = qt * kTile, off = s.Tk - s.Tq;
-  const float* kb = k + bkv * s.Tk * s.D;
-  const float* vb = v + bkv * s.Tk * s.D;
+  const QueryTile qt(s);
+  const int64_t q0 = qt.q0, bh = qt.bh, off = qt.off;
+  const float* kb = k + qt.bkv * s.Tk * s.D;
+  const float* vb = v + qt.bkv * s.Tk * s.D;
 
   load_tile<Dp>(Qs, LdK, q + bh * s.Tq * s.D, q0, s.Tq, D, tid);
   for (int e = tid; e < kTile * LdO; e += kThreads) Os[e] = 0.f;
@@ -191,8 +221,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(float* out, float* ls
   const int r = lane >> 1, half = lane & 1, row = warp * 16 + r;
   const int64_t i = q0 + row, jmax = off + i;  // the last key row i sees
   float m = -INFINITY, l = 0.f;
-  const int64_t ktiles = (off + min64(q0 + kTile, s.Tq) - 1) / kTile + 1;
-  for (int64_t kt = 0; kt < ktiles; ++kt) {
+  for (int64_t kt = 0; kt < qt.key_tiles; ++kt) {
     const int64_t k0 = kt * kTile;
     __syncthreads();  // the last tile's K, V are read by every warp (and Q, O are initialised)
     load_tile<Dp>(Ks, LdK, kb, k0, s.Tk, D, tid);
@@ -261,16 +290,9 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(float* dk, float* dv, con
   using Dm = Dims<DT>;
   constexpr int Dp = Dm::Dp, LdK = Dm::LdK, LdO = Dm::LdO;
   MOA_CUDA_DYNAMIC_SMEM(smem);
-  bf16* Ks = reinterpret_cast<bf16*>(smem);
-  bf16* Vs = Ks + kTile * LdK;
-  bf16* Qs = Vs + kTile * LdK;
-  bf16* dOs = Qs + kTile * LdK;
-  float* Ss = reinterpret_cast<float*>(dOs + kTile * LdK);
-  float* dPs = Ss + kTile * kLdS;
-  bf16* PTs = reinterpret_cast<bf16*>(dPs + kTile * kLdS);
-  bf16* dSTs = PTs + kTile * kLdP;
-  float* lse_s = reinterpret_cast<float*>(dSTs + kTile * kLdP);
-  float* delta_s = lse_s + kTile;
+  const BackwardSmem<DT> sm(smem);
+  bf16 *Ks = sm.t0, *Vs = sm.t1, *Qs = sm.t2, *dOs = sm.t3, *PTs = sm.p0, *dSTs = sm.p1;
+  float *Ss = sm.S, *dPs = sm.dP, *lse_s = sm.lse, *delta_s = sm.delta;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int D = static_cast<int>(s.D);
@@ -338,27 +360,16 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(float* dq, const float* do
   using Dm = Dims<DT>;
   constexpr int Dp = Dm::Dp, LdK = Dm::LdK, LdO = Dm::LdO;
   MOA_CUDA_DYNAMIC_SMEM(smem);
-  bf16* Qs = reinterpret_cast<bf16*>(smem);
-  bf16* dOs = Qs + kTile * LdK;
-  bf16* Ks = dOs + kTile * LdK;
-  bf16* Vs = Ks + kTile * LdK;
-  float* Ss = reinterpret_cast<float*>(Vs + kTile * LdK);
-  float* dPs = Ss + kTile * kLdS;
-  bf16* dSs = reinterpret_cast<bf16*>(dPs + kTile * kLdS);
-  float* lse_s = reinterpret_cast<float*>(dSs + kTile * kLdP);
-  float* delta_s = lse_s + kTile;
+  const BackwardSmem<DT> sm(smem);
+  bf16 *Qs = sm.t0, *dOs = sm.t1, *Ks = sm.t2, *Vs = sm.t3, *dSs = sm.p0;
+  float *Ss = sm.S, *dPs = sm.dP, *lse_s = sm.lse, *delta_s = sm.delta;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int D = static_cast<int>(s.D);
-  const int64_t qtiles = (s.Tq + kTile - 1) / kTile;
-  const int64_t bid = blockIdx.x;
-  const int64_t qt = qtiles - 1 - bid % qtiles;
-  const int64_t bh = bid / qtiles;
-  const int64_t b = bh / s.Hq, h = bh - b * s.Hq;
-  const int64_t bkv = b * s.Hkv + h / (s.Hq / s.Hkv);
-  const int64_t q0 = qt * kTile, off = s.Tk - s.Tq;
-  const float* kb = k + bkv * s.Tk * s.D;
-  const float* vb = v + bkv * s.Tk * s.D;
+  const QueryTile qt(s);
+  const int64_t q0 = qt.q0, bh = qt.bh, off = qt.off;
+  const float* kb = k + qt.bkv * s.Tk * s.D;
+  const float* vb = v + qt.bkv * s.Tk * s.D;
 
   load_tile<Dp>(Qs, LdK, q + bh * s.Tq * s.D, q0, s.Tq, D, tid);
   load_tile<Dp>(dOs, LdK, dout + bh * s.Tq * s.D, q0, s.Tq, D, tid);
@@ -373,8 +384,7 @@ MOA_UNROLL
 
   const int r = lane >> 1, half = lane & 1, row = warp * 16 + r;
   const int64_t i = q0 + row;
-  const int64_t ktiles = (off + min64(q0 + kTile, s.Tq) - 1) / kTile + 1;
-  for (int64_t kt = 0; kt < ktiles; ++kt) {
+  for (int64_t kt = 0; kt < qt.key_tiles; ++kt) {
     const int64_t k0 = kt * kTile;
     __syncthreads();
     load_tile<Dp>(Ks, LdK, kb, k0, s.Tk, D, tid);
@@ -469,7 +479,7 @@ inline void flash_attention_backward(float* dq, float* dk, float* dv, const floa
   if (s.B * s.Hq * qtiles == 0) return;
   flash::dispatch_tiles(s.D, [&]<int DT>() {
     if (dq) {
-      constexpr std::size_t smem = flash::Dims<DT>::dq_smem;
+      constexpr std::size_t smem = flash::Dims<DT>::backward_smem;
       auto* kernel = flash::dq_kernel<DT>;
       flash::detail::set_smem(kernel, smem);
       MOA_CUDA_LAUNCH(kernel, flash::detail::blocks(s.B * s.Hq * qtiles, "flash_attention_backward"),
@@ -477,7 +487,7 @@ inline void flash_attention_backward(float* dq, float* dk, float* dv, const floa
       MOA_CUDA_LAUNCH_CHECK();
     }
     if (dk) {
-      constexpr std::size_t smem = flash::Dims<DT>::dkv_smem;
+      constexpr std::size_t smem = flash::Dims<DT>::backward_smem;
       auto* kernel = flash::dkv_kernel<DT>;
       flash::detail::set_smem(kernel, smem);
       MOA_CUDA_LAUNCH(kernel, flash::detail::blocks(s.B * s.Hkv * ktiles, "flash_attention_backward"),
