@@ -105,12 +105,12 @@ void run(const Case& c) {
 
 TEST_CASE("grouped LoRA kernels (emulated on the CPU): forward and backward against the definition") {
   const Case cases[] = {
-      {1, 1, 1, 1, 1, false, true},      // the smallest
-      {37, 33, 7, 7, 3, false, true},    // rank <= 8: 8 assignments per warp, expert 1 empty
-      {45, 100, 65, 16, 4, true, true},  // rank 16: 4 per warp, gate weights
-      {57, 64, 33, 8, 4, false, false},  // top-2: rows repeat, atomic adds
-      {30, 48, 40, 20, 5, true, true},   // rank 20 (32 class): 2 per warp
-      {40, 96, 70, 33, 2, true, false},  // rank 33 (64 class): 1 per warp, top-2 with gates
+      {1, 1, 1, 1, 1, false, true},     // the smallest
+      {37, 33, 7, 7, 3, false, true},   // rank <= 8: 8 assignments per warp, expert 1 empty
+      {30, 40, 33, 16, 4, true, true},  // rank 16: 4 per warp, gate weights
+      {40, 40, 20, 8, 4, false, false}, // top-2: rows repeat, atomic adds
+      {24, 40, 24, 20, 5, true, true},  // rank 20 (32 class): 2 per warp
+      {20, 40, 30, 33, 2, true, false}, // rank 33 (64 class): 1 per warp, top-2 with gates
   };
   for (const Case& c : cases) run(c);
 }
