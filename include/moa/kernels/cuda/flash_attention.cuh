@@ -108,6 +108,8 @@ struct QueryTile {
     const int64_t last = q0 + kTile < s.Tq ? q0 + kTile : s.Tq;  // one past the tile's last query
     key_tiles = (off + last - 1) / kTile + 1;                       // the keys up to its last query's
   }
+  // The (Tk, D) rows of this tile's kv head in k or v.
+  __device__ const float* kv_head(const float* base, const AttentionShape& s) const { return base + bkv * s.Tk * s.D; }
 };
 
 using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major>;
@@ -211,8 +213,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(float* out, float* ls
   const int D = static_cast<int>(s.D);
   const QueryTile qt(s);
   const int64_t q0 = qt.q0, bh = qt.bh, off = qt.off;
-  const float* kb = k + qt.bkv * s.Tk * s.D;
-  const float* vb = v + qt.bkv * s.Tk * s.D;
+  const float *kb = qt.kv_head(k, s), *vb = qt.kv_head(v, s);
 
   load_tile<Dp>(Qs, LdK, q + bh * s.Tq * s.D, q0, s.Tq, D, tid);
   for (int e = tid; e < kTile * LdO; e += kThreads) Os[e] = 0.f;
@@ -368,8 +369,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(float* dq, const float* do
   const int D = static_cast<int>(s.D);
   const QueryTile qt(s);
   const int64_t q0 = qt.q0, bh = qt.bh, off = qt.off;
-  const float* kb = k + qt.bkv * s.Tk * s.D;
-  const float* vb = v + qt.bkv * s.Tk * s.D;
+  const float *kb = qt.kv_head(k, s), *vb = qt.kv_head(v, s);
 
   load_tile<Dp>(Qs, LdK, q + bh * s.Tq * s.D, q0, s.Tq, D, tid);
   load_tile<Dp>(dOs, LdK, dout + bh * s.Tq * s.D, q0, s.Tq, D, tid);
