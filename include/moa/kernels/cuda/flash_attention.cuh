@@ -282,6 +282,24 @@ MOA_UNROLL
   }
 }
 
+// The backward's query side of one tile: Q and dO rows q0 .. q0 + 63 of head bh as bf16 tiles,
+// and their lse and delta (zero past Tq). The caller synchronises before reading them.
+template <int DT>
+__device__ __forceinline__ void load_query_tile(__nv_bfloat16* Qs, __nv_bfloat16* dOs, float* lse_s, float* delta_s,
+                                                const float* q, const float* dout, const float* lse,
+                                                const float* delta, int64_t bh, int64_t q0, const AttentionShape& s,
+                                                int tid) {
+  constexpr int Dp = Dims<DT>::Dp, LdK = Dims<DT>::LdK;
+  const int D = static_cast<int>(s.D);
+  load_tile<Dp>(Qs, LdK, q + bh * s.Tq * s.D, q0, s.Tq, D, tid);
+  load_tile<Dp>(dOs, LdK, dout + bh * s.Tq * s.D, q0, s.Tq, D, tid);
+  if (tid < kTile) {
+    const int64_t i = q0 + tid;
+    lse_s[tid] = i < s.Tq ? lse[bh * s.Tq + i] : 0.f;
+    delta_s[tid] = i < s.Tq ? delta[bh * s.Tq + i] : 0.f;
+  }
+}
+
 // dv_j = sum_i P_ij dout_i and dk_j = scale sum_i dS_ij q_i, dS_ij = P_ij (dout_i . v_j - delta_i),
 // over the queries of every head in the group that see key j. Block = (batch, kv head, key tile).
 template <int DT>
@@ -321,13 +339,7 @@ MOA_UNROLL
     for (int64_t qt = qt0; qt < qtiles; ++qt) {
       const int64_t q0 = qt * kTile;
       __syncthreads();  // every warp is done with the last Q, dO, lse, delta (and K, V are loaded)
-      load_tile<Dp>(Qs, LdK, q + bh * s.Tq * s.D, q0, s.Tq, D, tid);
-      load_tile<Dp>(dOs, LdK, dout + bh * s.Tq * s.D, q0, s.Tq, D, tid);
-      if (tid < kTile) {
-        const int64_t i = q0 + tid;
-        lse_s[tid] = i < s.Tq ? lse[bh * s.Tq + i] : 0.f;
-        delta_s[tid] = i < s.Tq ? delta[bh * s.Tq + i] : 0.f;
-      }
+      load_query_tile<DT>(Qs, dOs, lse_s, delta_s, q, dout, lse, delta, bh, q0, s, tid);
       __syncthreads();
       // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x 64 queries
       scores16<DT>(Ss + warp * 16 * kLdS, Ks + warp * 16 * LdK, LdK, Qs, LdK);
@@ -371,13 +383,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(float* dq, const float* do
   const int64_t q0 = qt.q0, bh = qt.bh, off = qt.off;
   const float *kb = qt.kv_head(k, s), *vb = qt.kv_head(v, s);
 
-  load_tile<Dp>(Qs, LdK, q + bh * s.Tq * s.D, q0, s.Tq, D, tid);
-  load_tile<Dp>(dOs, LdK, dout + bh * s.Tq * s.D, q0, s.Tq, D, tid);
-  if (tid < kTile) {
-    const int64_t i = q0 + tid;
-    lse_s[tid] = i < s.Tq ? lse[bh * s.Tq + i] : 0.f;
-    delta_s[tid] = i < s.Tq ? delta[bh * s.Tq + i] : 0.f;
-  }
+  load_query_tile<DT>(Qs, dOs, lse_s, delta_s, q, dout, lse, delta, bh, q0, s, tid);
   FragC dQ[DT];
 MOA_UNROLL
   for (int n = 0; n < DT; ++n) wmma::fill_fragment(dQ[n], 0.f);
