@@ -15,11 +15,10 @@
 // Including it in several .cu files is fine too (everything here is inline).
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include "moa/core/backend.hpp"
 #include "moa/kernels/cuda/allocator.cuh"
 #include "moa/kernels/cuda/backend.cuh"
+#include "moa/kernels/cuda/launch.cuh"
 
 namespace moa::cuda {
 

@@ -19,8 +19,6 @@
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
-#include <cuda_bf16.h>
-
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -31,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "grouped_lora_reference.hpp"
 #include "moa/kernels/cuda/activation.cuh"
 #include "moa/kernels/cuda/adamw.cuh"
 #include "moa/kernels/cuda/allocator.cuh"
@@ -39,8 +38,8 @@
 #include "moa/kernels/cuda/elementwise.cuh"
 #include "moa/kernels/cuda/embedding.cuh"
 #include "moa/kernels/cuda/gemm.cuh"
-#include "grouped_lora_reference.hpp"
 #include "moa/kernels/cuda/grouped_lora.cuh"
+#include "moa/kernels/cuda/launch.cuh"
 #include "moa/kernels/cuda/norm.cuh"
 #include "moa/kernels/cuda/softmax_xent.cuh"
 #include "moa/kernels/reference/activation.hpp"
@@ -126,7 +125,7 @@ TEST_CASE("check: failures become DeviceError with the call, the place and the c
     CHECK(std::string(e.what()).find("CUBLAS_STATUS_INVALID_VALUE") != std::string::npos);
   }
   // A bad launch (too many threads per block) is caught by MOA_CUDA_LAUNCH_CHECK.
-  kc::detail::f32_to_bf16_kernel<<<1, 4096>>>(nullptr, nullptr, 1);
+  MOA_CUDA_LAUNCH(kc::detail::f32_to_bf16_kernel, 1, 4096, 0, nullptr, nullptr, nullptr, 1);
   CHECK_THROWS_AS(MOA_CUDA_LAUNCH_CHECK(), moa::DeviceError);
 }
 
@@ -324,8 +323,11 @@ TEST_CASE("cross_entropy: forward (mean over kept rows) and backward, ignore_ind
 }
 
 TEST_CASE("layer_norm and rms_norm: forward, backward, weight gradients accumulate") {
-  // Not C = 1: there dx = r g w (1 - x^2 / (x^2 + eps)) cancels ~20 bits in float32, for any kernel.
-  const std::vector<std::array<int64_t, 2>> shapes{{1, 2}, {7, 33}, {257, 7}, {33, 768}, {5, 4097}};
+  // Not C = 1 or 2: there dx is what is left of a cancellation, of the size of eps, in float32 noise
+  // for any kernel: rms_norm at C = 1, dx = r g w (1 - x^2 / (x^2 + eps)); layer_norm at C = 2,
+  // where x-hat = (a, -a) with a^2 = var / (var + eps), dx = r (g0 - g1) w (1 - a^2) / 2 (found by the
+  // CPU emulator: 1e-2 relative error against the reference, both right to float32).
+  const std::vector<std::array<int64_t, 2>> shapes{{1, 3}, {7, 33}, {257, 7}, {33, 768}, {5, 4097}};
   for (auto [N, C] : shapes)
     for (int with_bias = 0; with_bias < 2; ++with_bias) {
       INFO("N ", N, " C ", C, " bias ", with_bias);

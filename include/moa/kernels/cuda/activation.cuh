@@ -2,11 +2,10 @@
 // backward, on float32 device buffers. The formulas are kernels/reference/activation.hpp's.
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
 #include "moa/kernels/cuda/check.cuh"
+#include "moa/kernels/cuda/launch.cuh"
 #include "moa/kernels/cuda/reduce.cuh"
 
 namespace moa::kernels::cuda {
@@ -52,9 +51,9 @@ inline void activation_forward(Activation a, float* y, const float* x, int64_t n
   if (n <= 0) return;
   const unsigned g = detail::grid_for(n, 256);
   if (a == Activation::gelu)
-    detail::activation_forward_kernel<Activation::gelu><<<g, 256, 0, stream>>>(y, x, n);
+    MOA_CUDA_LAUNCH(detail::activation_forward_kernel<Activation::gelu>, g, 256, 0, stream, y, x, n);
   else
-    detail::activation_forward_kernel<Activation::silu><<<g, 256, 0, stream>>>(y, x, n);
+    MOA_CUDA_LAUNCH(detail::activation_forward_kernel<Activation::silu>, g, 256, 0, stream, y, x, n);
   MOA_CUDA_LAUNCH_CHECK();
 }
 
@@ -64,9 +63,9 @@ inline void activation_backward(Activation a, float* dx, const float* dy, const 
   if (n <= 0) return;
   const unsigned g = detail::grid_for(n, 256);
   if (a == Activation::gelu)
-    detail::activation_backward_kernel<Activation::gelu><<<g, 256, 0, stream>>>(dx, dy, x, n);
+    MOA_CUDA_LAUNCH(detail::activation_backward_kernel<Activation::gelu>, g, 256, 0, stream, dx, dy, x, n);
   else
-    detail::activation_backward_kernel<Activation::silu><<<g, 256, 0, stream>>>(dx, dy, x, n);
+    MOA_CUDA_LAUNCH(detail::activation_backward_kernel<Activation::silu>, g, 256, 0, stream, dx, dy, x, n);
   MOA_CUDA_LAUNCH_CHECK();
 }
 

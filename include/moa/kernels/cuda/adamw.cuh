@@ -13,12 +13,11 @@
 // max_norm / (norm + 1e-6) when that is below 1, reading the norm on the device (no host sync).
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cmath>
 #include <cstdint>
 
 #include "moa/kernels/cuda/check.cuh"
+#include "moa/kernels/cuda/launch.cuh"
 #include "moa/kernels/cuda/reduce.cuh"
 
 namespace moa::kernels::cuda {
@@ -63,7 +62,7 @@ static __global__ void sq_norm_kernel(double* acc, const float* g, int64_t n) {
 }
 
 static __global__ void clip_scale_kernel(float* g, int64_t n, const double* total_sq, double max_norm) {
-  const double coef = max_norm / (sqrt(*total_sq) + 1e-6);
+  const double coef = max_norm / (::sqrt(*total_sq) + 1e-6);
   if (!(coef < 1.0)) return;  // also leaves a NaN norm alone: the caller reads it and stops
   const float c = static_cast<float>(coef);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
@@ -76,7 +75,7 @@ static __global__ void clip_scale_kernel(float* g, int64_t n, const double* tota
 inline void adamw_step(float* w, float* m, float* v, const float* g, int64_t n, const AdamWScalars& s,
                        cudaStream_t stream = nullptr) {
   if (n <= 0) return;
-  detail::adamw_kernel<<<detail::grid_for(n, 256), 256, 0, stream>>>(w, m, v, g, n, s);
+  MOA_CUDA_LAUNCH(detail::adamw_kernel, detail::grid_for(n, 256), 256, 0, stream, w, m, v, g, n, s);
   MOA_CUDA_LAUNCH_CHECK();
 }
 
@@ -86,7 +85,7 @@ inline void grad_norm_sq_accumulate(double* acc, const float* g, int64_t n, cuda
   if (n <= 0) return;
   unsigned blocks = detail::grid_for(n, 256);
   if (blocks > 1024) blocks = 1024;  // few atomics on the one accumulator
-  detail::sq_norm_kernel<<<blocks, 256, 0, stream>>>(acc, g, n);
+  MOA_CUDA_LAUNCH(detail::sq_norm_kernel, blocks, 256, 0, stream, acc, g, n);
   MOA_CUDA_LAUNCH_CHECK();
 }
 
@@ -96,7 +95,7 @@ inline void clip_grad_scale(float* g, int64_t n, const double* total_sq, double 
                             cudaStream_t stream = nullptr) {
   MOA_CHECK(max_norm > 0, ValueError, "clip_grad_scale: expected max_norm > 0, got ", max_norm);
   if (n <= 0) return;
-  detail::clip_scale_kernel<<<detail::grid_for(n, 256), 256, 0, stream>>>(g, n, total_sq, max_norm);
+  MOA_CUDA_LAUNCH(detail::clip_scale_kernel, detail::grid_for(n, 256), 256, 0, stream, g, n, total_sq, max_norm);
   MOA_CUDA_LAUNCH_CHECK();
 }
 

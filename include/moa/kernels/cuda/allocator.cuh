@@ -12,8 +12,6 @@
 // several streams must synchronise before releasing a block another stream still reads.
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
@@ -22,6 +20,7 @@
 
 #include "moa/core/error.hpp"
 #include "moa/kernels/cuda/check.cuh"
+#include "moa/kernels/cuda/launch.cuh"
 
 namespace moa::kernels::cuda {
 

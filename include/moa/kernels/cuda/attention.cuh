@@ -12,14 +12,13 @@
 // backend runs the tiled tensor-core kernels of flash_attention.cuh instead.
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cmath>
 #include <cstdint>
 
 #include "moa/core/error.hpp"
 #include "moa/kernels/cuda/check.cuh"
 #include "moa/kernels/cuda/flash_attention.cuh"  // AttentionShape, and the tensor-core kernels
+#include "moa/kernels/cuda/launch.cuh"
 #include "moa/kernels/cuda/reduce.cuh"
 
 namespace moa::kernels::cuda {
@@ -30,7 +29,7 @@ constexpr int attn_warps = 4;  // rows per block
 
 template <int DPL>  // head elements per lane: D <= 32 * DPL
 __device__ __forceinline__ void load_row(float (&r)[DPL], const float* p, int64_t D, int lane) {
-#pragma unroll
+  MOA_UNROLL
   for (int t = 0; t < DPL; ++t) {
     const int64_t c = lane + 32 * t;
     r[t] = c < D ? p[c] : 0.f;
@@ -40,7 +39,7 @@ __device__ __forceinline__ void load_row(float (&r)[DPL], const float* p, int64_
 template <int DPL>
 __device__ __forceinline__ float row_dot(const float (&a)[DPL], const float* p, int64_t D, int lane) {
   float s = 0.f;
-#pragma unroll
+  MOA_UNROLL
   for (int t = 0; t < DPL; ++t) {
     const int64_t c = lane + 32 * t;
     if (c < D) s += a[t] * p[c];
@@ -60,7 +59,7 @@ __global__ void attention_forward_kernel(float* out, float* lse, const float* q,
   const float* vb = v + bkv * s.Tk * s.D;
   float qr[DPL], acc[DPL];
   load_row(qr, q + row * s.D, s.D, lane);
-#pragma unroll
+  MOA_UNROLL
   for (int t = 0; t < DPL; ++t) acc[t] = 0.f;
   float m = -INFINITY, l = 0.f;
   for (int64_t j = 0; j < n; ++j) {
@@ -68,7 +67,7 @@ __global__ void attention_forward_kernel(float* out, float* lse, const float* q,
     const float mn = fmaxf(m, sc);
     const float corr = expf(m - mn), p = expf(sc - mn);
     l = l * corr + p;
-#pragma unroll
+    MOA_UNROLL
     for (int t = 0; t < DPL; ++t) {
       const int64_t c = lane + 32 * t;
       acc[t] = acc[t] * corr + (c < s.D ? p * vb[j * s.D + c] : 0.f);
@@ -76,7 +75,7 @@ __global__ void attention_forward_kernel(float* out, float* lse, const float* q,
     m = mn;
   }
   const float inv = 1.f / l;
-#pragma unroll
+  MOA_UNROLL
   for (int t = 0; t < DPL; ++t) {
     const int64_t c = lane + 32 * t;
     if (c < s.D) out[row * s.D + c] = acc[t] * inv;
@@ -100,18 +99,18 @@ __global__ void attention_dq_kernel(float* dq, float* delta, const float* dout, 
   load_row(qr, q + row * s.D, s.D, lane);
   load_row(gr, dout + row * s.D, s.D, lane);
   const float dl = row_dot(gr, out + row * s.D, s.D, lane), li = lse[row];
-#pragma unroll
+  MOA_UNROLL
   for (int t = 0; t < DPL; ++t) acc[t] = 0.f;
   for (int64_t j = 0; j < n; ++j) {
     const float p = expf(row_dot(qr, kb + j * s.D, s.D, lane) * scale - li);
     const float ds = p * (row_dot(gr, vb + j * s.D, s.D, lane) - dl) * scale;
-#pragma unroll
+    MOA_UNROLL
     for (int t = 0; t < DPL; ++t) {
       const int64_t c = lane + 32 * t;
       if (c < s.D) acc[t] += ds * kb[j * s.D + c];
     }
   }
-#pragma unroll
+  MOA_UNROLL
   for (int t = 0; t < DPL; ++t) {
     const int64_t c = lane + 32 * t;
     if (c < s.D) dq[row * s.D + c] = acc[t];
@@ -134,7 +133,7 @@ __global__ void attention_dkv_kernel(float* dk, float* dv, const float* dout, co
   float kr[DPL], vr[DPL], dka[DPL], dva[DPL];
   load_row(kr, k + row * s.D, s.D, lane);
   load_row(vr, v + row * s.D, s.D, lane);
-#pragma unroll
+  MOA_UNROLL
   for (int t = 0; t < DPL; ++t) dka[t] = dva[t] = 0.f;
   for (int64_t h = hkv * group; h < (hkv + 1) * group; ++h) {
     const int64_t bh = b * s.Hq + h;
@@ -144,7 +143,7 @@ __global__ void attention_dkv_kernel(float* dk, float* dv, const float* dout, co
       const float* gi = dout + qrow * s.D;
       const float p = expf(row_dot(kr, qi, s.D, lane) * scale - lse[qrow]);
       const float ds = p * (row_dot(vr, gi, s.D, lane) - delta[qrow]) * scale;
-#pragma unroll
+      MOA_UNROLL
       for (int t = 0; t < DPL; ++t) {
         const int64_t c = lane + 32 * t;
         if (c < s.D) {
@@ -154,7 +153,7 @@ __global__ void attention_dkv_kernel(float* dk, float* dv, const float* dout, co
       }
     }
   }
-#pragma unroll
+  MOA_UNROLL
   for (int t = 0; t < DPL; ++t) {
     const int64_t c = lane + 32 * t;
     if (c < s.D) {
@@ -194,8 +193,8 @@ inline void attention_forward(float* out, float* lse, const float* q, const floa
   const int64_t rows = s.B * s.Hq * s.Tq;
   if (rows == 0) return;
   detail::dispatch_head(s.D, [&]<int DPL>() {
-    detail::attention_forward_kernel<DPL><<<detail::attn_blocks(rows), 32 * detail::attn_warps, 0, stream>>>(
-        out, lse, q, k, v, s, scale);
+    MOA_CUDA_LAUNCH(detail::attention_forward_kernel<DPL>, detail::attn_blocks(rows), 32 * detail::attn_warps, 0,
+                    stream, out, lse, q, k, v, s, scale);
     MOA_CUDA_LAUNCH_CHECK();
   });
 }
@@ -210,12 +209,12 @@ inline void attention_backward(float* dq, float* dk, float* dv, float* delta, co
   if (krows == 0) return;
   detail::dispatch_head(s.D, [&]<int DPL>() {
     if (qrows > 0) {
-      detail::attention_dq_kernel<DPL><<<detail::attn_blocks(qrows), 32 * detail::attn_warps, 0, stream>>>(
-          dq, delta, dout, q, k, v, out, lse, s, scale);
+      MOA_CUDA_LAUNCH(detail::attention_dq_kernel<DPL>, detail::attn_blocks(qrows), 32 * detail::attn_warps, 0, stream,
+                      dq, delta, dout, q, k, v, out, lse, s, scale);
       MOA_CUDA_LAUNCH_CHECK();
     }
-    detail::attention_dkv_kernel<DPL><<<detail::attn_blocks(krows), 32 * detail::attn_warps, 0, stream>>>(
-        dk, dv, dout, q, k, v, lse, delta, s, scale);
+    MOA_CUDA_LAUNCH(detail::attention_dkv_kernel<DPL>, detail::attn_blocks(krows), 32 * detail::attn_warps, 0, stream,
+                    dk, dv, dout, q, k, v, lse, delta, s, scale);
     MOA_CUDA_LAUNCH_CHECK();
   });
 }

@@ -22,9 +22,6 @@
 // (check.cuh); bad sizes throw ShapeError, unsupported dtypes ValueError, naming the method.
 #pragma once
 
-#include <cublas_v2.h>
-#include <cuda_runtime.h>
-
 #include <array>
 #include <atomic>
 #include <bit>
@@ -50,6 +47,7 @@
 #include "moa/kernels/cuda/embedding.cuh"
 #include "moa/kernels/cuda/gemm.cuh"
 #include "moa/kernels/cuda/grouped_lora.cuh"
+#include "moa/kernels/cuda/launch.cuh"
 #include "moa/kernels/cuda/norm.cuh"
 #include "moa/kernels/cuda/softmax_xent.cuh"
 
@@ -461,16 +459,16 @@ class CudaBackend final : public DeviceBackend {
     detail::dispatch_head(sh.D, [&]<int DPL>() {
       if (qrows > 0) {
         if (dq) {
-          detail::attention_dq_kernel<DPL><<<detail::attn_blocks(qrows), 32 * detail::attn_warps, 0, s.stream>>>(
-              dq, delta.as<float>(), dout, q, k, v, out, lse, sh, scale);
+          MOA_CUDA_LAUNCH(detail::attention_dq_kernel<DPL>, detail::attn_blocks(qrows), 32 * detail::attn_warps, 0,
+                          s.stream, dq, delta.as<float>(), dout, q, k, v, out, lse, sh, scale);
           MOA_CUDA_LAUNCH_CHECK();
         } else if (want_kv) {
           row_dot(delta.as<float>(), dout, out, qrows, sh.D, s.stream);
         }
       }
       if (want_kv) {
-        detail::attention_dkv_kernel<DPL><<<detail::attn_blocks(krows), 32 * detail::attn_warps, 0, s.stream>>>(
-            dk_out, dv_out, dout, q, k, v, lse, delta.as<float>(), sh, scale);
+        MOA_CUDA_LAUNCH(detail::attention_dkv_kernel<DPL>, detail::attn_blocks(krows), 32 * detail::attn_warps, 0,
+                        s.stream, dk_out, dv_out, dout, q, k, v, lse, delta.as<float>(), sh, scale);
         MOA_CUDA_LAUNCH_CHECK();
       }
     });

@@ -7,12 +7,10 @@
 //   kernel<<<grid, block, 0, stream>>>(...); MOA_CUDA_LAUNCH_CHECK();
 #pragma once
 
-#include <cublas_v2.h>
-#include <cuda_runtime.h>
-
 #include <string>
 
 #include "moa/core/error.hpp"
+#include "moa/kernels/cuda/launch.cuh"
 
 namespace moa::kernels::cuda::detail {
 

@@ -20,8 +20,6 @@
 // nearest even, NaN stays a quiet NaN with its payload's top bits).
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -31,6 +29,7 @@
 #include "moa/core/error.hpp"
 #include "moa/core/shape.hpp"
 #include "moa/kernels/cuda/check.cuh"
+#include "moa/kernels/cuda/launch.cuh"
 #include "moa/kernels/cuda/reduce.cuh"
 
 namespace moa::kernels::cuda {
@@ -111,14 +110,14 @@ constexpr int ew_threads = 256;
 // The NOps element offsets of flat (row-major) index i of the layout.
 template <int NOps, class Index>
 __device__ __forceinline__ void strided_offsets(const StridedLayout<NOps>& L, Index i, int64_t (&off)[NOps]) {
-#pragma unroll
+  MOA_UNROLL
   for (int k = 0; k < NOps; ++k) off[k] = 0;
-#pragma unroll
+  MOA_UNROLL
   for (int d = kMaxDeviceRank - 1; d >= 0; --d) {
     if (d < L.rank) {
       const Index s = static_cast<Index>(L.shape[d]);
       const Index q = i / s, rem = i - q * s;
-#pragma unroll
+      MOA_UNROLL
       for (int k = 0; k < NOps; ++k) off[k] += static_cast<int64_t>(rem) * L.strides[k][d];
       i = q;
     }
@@ -239,7 +238,8 @@ __device__ __forceinline__ float unary_apply(float x, double p) {
   else if constexpr (Op == UnaryOp::log) return logf(x);
   else if constexpr (Op == UnaryOp::sqrt) return sqrtf(x);
   else if constexpr (Op == UnaryOp::tanh) return tanhf(x);
-  else if constexpr (Op == UnaryOp::pow) return static_cast<float>(pow(static_cast<double>(x), p));
+  else if constexpr (Op == UnaryOp::pow)
+    return static_cast<float>(::pow(static_cast<double>(x), p));
   else if constexpr (Op == UnaryOp::relu) return x > 0.f ? x : 0.f;
   else if constexpr (Op == UnaryOp::gelu) {
     float plus, minus;
@@ -260,7 +260,8 @@ __device__ __forceinline__ float unary_grad(float x, float y, double p) {
   else if constexpr (Op == UnaryOp::log) return 1.f / x;
   else if constexpr (Op == UnaryOp::sqrt) return 1.f / (2.f * y);
   else if constexpr (Op == UnaryOp::tanh) return 1.f - y * y;
-  else if constexpr (Op == UnaryOp::pow) return static_cast<float>(p * pow(static_cast<double>(x), p - 1.0));
+  else if constexpr (Op == UnaryOp::pow)
+    return static_cast<float>(p * ::pow(static_cast<double>(x), p - 1.0));
   else if constexpr (Op == UnaryOp::relu) return x > 0.f ? 1.f : 0.f;
   else if constexpr (Op == UnaryOp::gelu) {
     float plus, minus;
@@ -403,13 +404,13 @@ void fill_strided(T* dst, const StridedLayout<1>& L, int64_t n, T value, cudaStr
   if (n <= 0) return;
   const unsigned g = detail::grid_for(n, detail::ew_threads);
   if (layout_is_flat(L))
-    detail::fill_flat_kernel<T><<<g, detail::ew_threads, 0, stream>>>(dst, n, value);
+    MOA_CUDA_LAUNCH(detail::fill_flat_kernel<T>, g, detail::ew_threads, 0, stream, dst, n, value);
   else if (n <= 0x7fffffffLL)
-    detail::fill_strided_kernel<T, uint32_t><<<g, detail::ew_threads, 0, stream>>>(dst, L, static_cast<uint32_t>(n),
-                                                                                  value);
+    MOA_CUDA_LAUNCH((detail::fill_strided_kernel<T, uint32_t>), g, detail::ew_threads, 0, stream, dst, L,
+                    static_cast<uint32_t>(n), value);
   else
-    detail::fill_strided_kernel<T, uint64_t><<<g, detail::ew_threads, 0, stream>>>(dst, L, static_cast<uint64_t>(n),
-                                                                                  value);
+    MOA_CUDA_LAUNCH((detail::fill_strided_kernel<T, uint64_t>), g, detail::ew_threads, 0, stream, dst, L,
+                    static_cast<uint64_t>(n), value);
   MOA_CUDA_LAUNCH_CHECK();
 }
 
@@ -419,28 +420,29 @@ void copy_strided(D* dst, const S* src, const StridedLayout<2>& L, int64_t n, cu
   if (n <= 0) return;
   const unsigned g = detail::grid_for(n, detail::ew_threads);
   if (layout_is_flat(L))
-    detail::convert_flat_kernel<D, S><<<g, detail::ew_threads, 0, stream>>>(dst, src, n);
+    MOA_CUDA_LAUNCH((detail::convert_flat_kernel<D, S>), g, detail::ew_threads, 0, stream, dst, src, n);
   else if (n <= 0x7fffffffLL)
-    detail::copy_strided_kernel<D, S, uint32_t><<<g, detail::ew_threads, 0, stream>>>(dst, src, L,
-                                                                                     static_cast<uint32_t>(n));
+    MOA_CUDA_LAUNCH((detail::copy_strided_kernel<D, S, uint32_t>), g, detail::ew_threads, 0, stream, dst, src, L,
+                    static_cast<uint32_t>(n));
   else
-    detail::copy_strided_kernel<D, S, uint64_t><<<g, detail::ew_threads, 0, stream>>>(dst, src, L,
-                                                                                     static_cast<uint64_t>(n));
+    MOA_CUDA_LAUNCH((detail::copy_strided_kernel<D, S, uint64_t>), g, detail::ew_threads, 0, stream, dst, src, L,
+                    static_cast<uint64_t>(n));
   MOA_CUDA_LAUNCH_CHECK();
 }
 
 // out[i] = x[offsets[i]], i < n.
 inline void take(float* out, const float* x, const int32_t* offsets, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
-  detail::take_kernel<<<detail::grid_for(n, detail::ew_threads), detail::ew_threads, 0, stream>>>(out, x, offsets, n);
+  MOA_CUDA_LAUNCH(detail::take_kernel, detail::grid_for(n, detail::ew_threads), detail::ew_threads, 0, stream, out, x,
+                  offsets, n);
   MOA_CUDA_LAUNCH_CHECK();
 }
 
 // out[offsets[i]] += src[i], i < n (atomics: repeated offsets add up, in no fixed order).
 inline void put_add(float* out, const int32_t* offsets, const float* src, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
-  detail::put_add_kernel<<<detail::grid_for(n, detail::ew_threads), detail::ew_threads, 0, stream>>>(out, offsets, src,
-                                                                                                   n);
+  MOA_CUDA_LAUNCH(detail::put_add_kernel, detail::grid_for(n, detail::ew_threads), detail::ew_threads, 0, stream, out,
+                  offsets, src, n);
   MOA_CUDA_LAUNCH_CHECK();
 }
 
@@ -452,13 +454,13 @@ inline void binary(BinaryOp op, float* out, const float* a, const float* b, cons
   const bool flat = layout_is_flat(L), small = n <= 0x7fffffffLL;
   auto launch = [&]<BinaryOp Op>() {
     if (flat)
-      detail::binary_flat_kernel<Op><<<g, detail::ew_threads, 0, stream>>>(out, a, b, n);
+      MOA_CUDA_LAUNCH(detail::binary_flat_kernel<Op>, g, detail::ew_threads, 0, stream, out, a, b, n);
     else if (small)
-      detail::binary_strided_kernel<Op, uint32_t><<<g, detail::ew_threads, 0, stream>>>(out, a, b, L,
-                                                                                       static_cast<uint32_t>(n));
+      MOA_CUDA_LAUNCH((detail::binary_strided_kernel<Op, uint32_t>), g, detail::ew_threads, 0, stream, out, a, b, L,
+                      static_cast<uint32_t>(n));
     else
-      detail::binary_strided_kernel<Op, uint64_t><<<g, detail::ew_threads, 0, stream>>>(out, a, b, L,
-                                                                                       static_cast<uint64_t>(n));
+      MOA_CUDA_LAUNCH((detail::binary_strided_kernel<Op, uint64_t>), g, detail::ew_threads, 0, stream, out, a, b, L,
+                      static_cast<uint64_t>(n));
   };
   switch (op) {
     case BinaryOp::add: launch.template operator()<BinaryOp::add>(); break;
@@ -498,7 +500,7 @@ inline void unary(UnaryOp op, double p, float* y, const float* x, int64_t n, cud
   if (n <= 0) return;
   const unsigned g = detail::grid_for(n, detail::ew_threads);
   detail::dispatch_unary(op, "unary", [&]<UnaryOp Op>() {
-    detail::unary_kernel<Op><<<g, detail::ew_threads, 0, stream>>>(y, x, n, p);
+    MOA_CUDA_LAUNCH(detail::unary_kernel<Op>, g, detail::ew_threads, 0, stream, y, x, n, p);
   });
   MOA_CUDA_LAUNCH_CHECK();
 }
@@ -510,7 +512,7 @@ inline void unary_backward(UnaryOp op, double p, float* gx, const float* g, cons
   if (n <= 0) return;
   const unsigned grid = detail::grid_for(n, detail::ew_threads);
   detail::dispatch_unary(op, "unary_backward", [&]<UnaryOp Op>() {
-    detail::unary_backward_kernel<Op><<<grid, detail::ew_threads, 0, stream>>>(gx, g, x, y, n, p);
+    MOA_CUDA_LAUNCH(detail::unary_backward_kernel<Op>, grid, detail::ew_threads, 0, stream, gx, g, x, y, n, p);
   });
   MOA_CUDA_LAUNCH_CHECK();
 }
@@ -548,19 +550,20 @@ inline void sum_rows(float* out, const float* x, int64_t rows, int64_t cols, dou
   }
   const SumRowsPlan p = plan_sum_rows(rows, cols);
   if (p.kind == SumRowsPlan::warp) {
-    detail::sum_rows_warp_kernel<<<detail::warp_rows_grid(rows, 8), 256, 0, stream>>>(out, x, rows, cols, scale);
+    MOA_CUDA_LAUNCH(detail::sum_rows_warp_kernel, detail::warp_rows_grid(rows, 8), 256, 0, stream, out, x, rows, cols,
+                    scale);
     MOA_CUDA_LAUNCH_CHECK();
   } else if (p.kind == SumRowsPlan::block) {
     const unsigned g = static_cast<unsigned>(rows < 65535LL * 16 ? rows : 65535LL * 16);
-    detail::sum_rows_block_kernel<<<g, 256, 0, stream>>>(out, x, rows, cols, scale);
+    MOA_CUDA_LAUNCH(detail::sum_rows_block_kernel, g, 256, 0, stream, out, x, rows, cols, scale);
     MOA_CUDA_LAUNCH_CHECK();
   } else {
     MOA_CUDA_CHECK(cudaMemsetAsync(acc, 0, static_cast<std::size_t>(rows) * sizeof(double), stream));
     const int64_t blocks = rows * p.chunks;
-    detail::sum_rows_partial_kernel<<<static_cast<unsigned>(blocks < 65535LL * 16 ? blocks : 65535LL * 16), 256, 0,
-                                      stream>>>(acc, x, rows, cols, p.chunks, p.chunk);
+    const unsigned grid = static_cast<unsigned>(blocks < 65535LL * 16 ? blocks : 65535LL * 16);
+    MOA_CUDA_LAUNCH(detail::sum_rows_partial_kernel, grid, 256, 0, stream, acc, x, rows, cols, p.chunks, p.chunk);
     MOA_CUDA_LAUNCH_CHECK();
-    detail::sum_rows_finish_kernel<<<detail::grid_for(rows, 256), 256, 0, stream>>>(out, acc, rows, scale);
+    MOA_CUDA_LAUNCH(detail::sum_rows_finish_kernel, detail::grid_for(rows, 256), 256, 0, stream, out, acc, rows, scale);
     MOA_CUDA_LAUNCH_CHECK();
   }
 }
@@ -571,8 +574,8 @@ inline void rope(float* y, const float* x, const float* cos_t, const float* sin_
                  int64_t half, int64_t start, int sign, cudaStream_t stream) {
   const int64_t n = BH * T * half;
   if (n <= 0) return;
-  detail::rope_kernel<<<detail::grid_for(n, detail::ew_threads), detail::ew_threads, 0, stream>>>(
-      y, x, cos_t, sin_t, BH, T, half, start, sign);
+  MOA_CUDA_LAUNCH(detail::rope_kernel, detail::grid_for(n, detail::ew_threads), detail::ew_threads, 0, stream, y, x,
+                  cos_t, sin_t, BH, T, half, start, sign);
   MOA_CUDA_LAUNCH_CHECK();
 }
 
@@ -582,15 +585,15 @@ inline void scale_matrices(float* C, int64_t batch, int64_t M, int64_t N, int64_
                            cudaStream_t stream) {
   const int64_t n = batch * M * N;
   if (n <= 0 || beta == 1.f) return;
-  detail::scale_matrices_kernel<<<detail::grid_for(n, detail::ew_threads), detail::ew_threads, 0, stream>>>(
-      C, batch, M, N, ldc, stride_c, beta);
+  MOA_CUDA_LAUNCH(detail::scale_matrices_kernel, detail::grid_for(n, detail::ew_threads), detail::ew_threads, 0, stream,
+                  C, batch, M, N, ldc, stride_c, beta);
   MOA_CUDA_LAUNCH_CHECK();
 }
 
 // out[r] = a[r] . b[r] for rows (rows, D) (attention's delta = dout . out).
 inline void row_dot(float* out, const float* a, const float* b, int64_t rows, int64_t D, cudaStream_t stream) {
   if (rows <= 0) return;
-  detail::row_dot_kernel<<<detail::warp_rows_grid(rows, 8), 256, 0, stream>>>(out, a, b, rows, D);
+  MOA_CUDA_LAUNCH(detail::row_dot_kernel, detail::warp_rows_grid(rows, 8), 256, 0, stream, out, a, b, rows, D);
   MOA_CUDA_LAUNCH_CHECK();
 }
 

@@ -3,11 +3,10 @@
 // semantics as kernels/reference/embedding.hpp.
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
 #include "moa/kernels/cuda/check.cuh"
+#include "moa/kernels/cuda/launch.cuh"
 #include "moa/kernels/cuda/reduce.cuh"
 
 namespace moa::kernels::cuda {
@@ -36,7 +35,8 @@ static __global__ void embedding_backward_kernel(float* dweight, const float* do
 inline void embedding_forward(float* out, const int32_t* ids, const float* weight, int64_t N, int64_t C,
                               cudaStream_t stream = nullptr) {
   if (N <= 0 || C <= 0) return;
-  detail::embedding_forward_kernel<<<detail::grid_for(N * C, 256), 256, 0, stream>>>(out, ids, weight, N, C);
+  MOA_CUDA_LAUNCH(detail::embedding_forward_kernel, detail::grid_for(N * C, 256), 256, 0, stream, out, ids, weight, N,
+                  C);
   MOA_CUDA_LAUNCH_CHECK();
 }
 
@@ -44,7 +44,8 @@ inline void embedding_forward(float* out, const int32_t* ids, const float* weigh
 inline void embedding_backward(float* dweight, const float* dout, const int32_t* ids, int64_t N, int64_t C,
                                cudaStream_t stream = nullptr) {
   if (N <= 0 || C <= 0) return;
-  detail::embedding_backward_kernel<<<detail::grid_for(N * C, 256), 256, 0, stream>>>(dweight, dout, ids, N, C);
+  MOA_CUDA_LAUNCH(detail::embedding_backward_kernel, detail::grid_for(N * C, 256), 256, 0, stream, dweight, dout, ids,
+                  N, C);
   MOA_CUDA_LAUNCH_CHECK();
 }
 

@@ -27,7 +27,6 @@
 #pragma once
 
 #ifndef MOA_CUDA_EMULATE
-#include <cuda_bf16.h>
 #include <mma.h>
 #endif
 
@@ -36,6 +35,7 @@
 #include <cstdint>
 
 #include "moa/core/error.hpp"
+#include "moa/kernels/cuda/check.cuh"
 #include "moa/kernels/cuda/launch.cuh"
 
 namespace moa::kernels::cuda {

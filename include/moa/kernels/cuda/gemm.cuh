@@ -8,14 +8,11 @@
 // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands, keep the flags.
 #pragma once
 
-#include <cublas_v2.h>
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
 #include "moa/core/error.hpp"
 #include "moa/kernels/cuda/check.cuh"
+#include "moa/kernels/cuda/launch.cuh"
 
 namespace moa::kernels::cuda {
 
@@ -87,7 +84,8 @@ inline void f32_to_bf16(__nv_bfloat16* out, const float* in, int64_t n, cudaStre
   if (n <= 0) return;
   const int threads = 256;
   const int64_t blocks = (n + threads - 1) / threads;
-  detail::f32_to_bf16_kernel<<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), threads, 0, stream>>>(out, in, n);
+  const unsigned grid = static_cast<unsigned>(blocks < 65535 ? blocks : 65535);
+  MOA_CUDA_LAUNCH(detail::f32_to_bf16_kernel, grid, threads, 0, stream, out, in, n);
   MOA_CUDA_LAUNCH_CHECK();
 }
 

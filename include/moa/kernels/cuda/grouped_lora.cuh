@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "moa/core/error.hpp"
+#include "moa/kernels/cuda/check.cuh"
 #include "moa/kernels/cuda/launch.cuh"
 #include "moa/kernels/cuda/reduce.cuh"
 

@@ -6,13 +6,17 @@
 //                                                                  (kernel: one name; alias a template first)
 //   MOA_UNROLL                                                     #pragma unroll
 //   MOA_CUDA_DYNAMIC_SMEM(name)                                    extern __shared__ unsigned char name[] (128-aligned)
+//
+// (A template kernel whose arguments hold a comma goes in parentheses: MOA_CUDA_LAUNCH((k<A, B>), ...).)
+// It also brings in the CUDA runtime, cuBLAS and bf16 headers; under the emulator, nothing: the
+// emulator declares the part of those APIs that moa uses (memory, streams, errors, cuBLAS products).
 #pragma once
 
 #ifndef MOA_CUDA_EMULATE
 
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
-
-#include "moa/kernels/cuda/check.cuh"
 
 #define MOA_CUDA_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #define MOA_UNROLL _Pragma("unroll")

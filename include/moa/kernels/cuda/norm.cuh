@@ -4,11 +4,10 @@
 // row-wise parts; the weight gradients are column sums over blocks of rows, added with atomics.
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
 #include "moa/kernels/cuda/check.cuh"
+#include "moa/kernels/cuda/launch.cuh"
 #include "moa/kernels/cuda/reduce.cuh"
 
 namespace moa::kernels::cuda {
@@ -110,8 +109,8 @@ inline void launch_norm_dweight(float* dweight, float* dbias, const float* dout,
   int64_t row_blocks = (N + 63) / 64;  // about 64 rows per block, enough blocks to fill the GPU
   if (row_blocks > 1024) row_blocks = 1024;
   if (row_blocks < 1) row_blocks = 1;
-  norm_dweight_kernel<<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(row_blocks)), dim3(32, 8), 0,
-                        stream>>>(dweight, dbias, dout, x, mean, rstd, N, C);
+  MOA_CUDA_LAUNCH(norm_dweight_kernel, dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(row_blocks)),
+                  dim3(32, 8), 0, stream, dweight, dbias, dout, x, mean, rstd, N, C);
   MOA_CUDA_LAUNCH_CHECK();
 }
 
@@ -128,8 +127,8 @@ inline void layer_norm_forward(float* out, float* mean, float* rstd, const float
                                const float* bias, int64_t N, int64_t C, float eps, cudaStream_t stream = nullptr) {
   detail::check_norm("layer_norm_forward", N, C);
   if (N == 0) return;
-  detail::layer_norm_forward_kernel<<<static_cast<unsigned>(N), detail::row_threads(C), 0, stream>>>(
-      out, mean, rstd, x, weight, bias, C, eps);
+  MOA_CUDA_LAUNCH(detail::layer_norm_forward_kernel, static_cast<unsigned>(N), detail::row_threads(C), 0, stream, out,
+                  mean, rstd, x, weight, bias, C, eps);
   MOA_CUDA_LAUNCH_CHECK();
 }
 
@@ -140,8 +139,8 @@ inline void layer_norm_backward(float* dx, float* dweight, float* dbias, const f
   detail::check_norm("layer_norm_backward", N, C);
   if (N == 0) return;
   if (dx) {
-    detail::layer_norm_dx_kernel<<<static_cast<unsigned>(N), detail::row_threads(C), 0, stream>>>(dx, dout, x, weight,
-                                                                                                  mean, rstd, C);
+    MOA_CUDA_LAUNCH(detail::layer_norm_dx_kernel, static_cast<unsigned>(N), detail::row_threads(C), 0, stream, dx, dout,
+                    x, weight, mean, rstd, C);
     MOA_CUDA_LAUNCH_CHECK();
   }
   detail::launch_norm_dweight(dweight, dbias, dout, x, mean, rstd, N, C, stream);
@@ -152,8 +151,8 @@ inline void rms_norm_forward(float* out, float* rstd, const float* x, const floa
                              float eps, cudaStream_t stream = nullptr) {
   detail::check_norm("rms_norm_forward", N, C);
   if (N == 0) return;
-  detail::rms_norm_forward_kernel<<<static_cast<unsigned>(N), detail::row_threads(C), 0, stream>>>(out, rstd, x,
-                                                                                                  weight, C, eps);
+  MOA_CUDA_LAUNCH(detail::rms_norm_forward_kernel, static_cast<unsigned>(N), detail::row_threads(C), 0, stream, out,
+                  rstd, x, weight, C, eps);
   MOA_CUDA_LAUNCH_CHECK();
 }
 
@@ -163,8 +162,8 @@ inline void rms_norm_backward(float* dx, float* dweight, const float* dout, cons
   detail::check_norm("rms_norm_backward", N, C);
   if (N == 0) return;
   if (dx) {
-    detail::rms_norm_dx_kernel<<<static_cast<unsigned>(N), detail::row_threads(C), 0, stream>>>(dx, dout, x, weight,
-                                                                                                rstd, C);
+    MOA_CUDA_LAUNCH(detail::rms_norm_dx_kernel, static_cast<unsigned>(N), detail::row_threads(C), 0, stream, dx, dout,
+                    x, weight, rstd, C);
     MOA_CUDA_LAUNCH_CHECK();
   }
   detail::launch_norm_dweight(dweight, nullptr, dout, x, nullptr, rstd, N, C, stream);

@@ -4,12 +4,11 @@
 // float32 (the reference sums in double: see the error bounds in tests/cuda/test_cuda_ops.cu).
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cmath>
 #include <cstdint>
 
 #include "moa/kernels/cuda/check.cuh"
+#include "moa/kernels/cuda/launch.cuh"
 #include "moa/kernels/cuda/reduce.cuh"
 
 namespace moa::kernels::cuda {
@@ -104,7 +103,8 @@ inline void check_rows(const char* op, int64_t N, int64_t C) {
 inline void softmax_forward(float* out, const float* x, int64_t N, int64_t C, cudaStream_t stream = nullptr) {
   detail::check_rows("softmax_forward", N, C);
   if (N == 0) return;
-  detail::softmax_forward_kernel<false><<<static_cast<unsigned>(N), detail::row_threads(C), 0, stream>>>(out, x, C);
+  MOA_CUDA_LAUNCH(detail::softmax_forward_kernel<false>, static_cast<unsigned>(N), detail::row_threads(C), 0, stream,
+                  out, x, C);
   MOA_CUDA_LAUNCH_CHECK();
 }
 
@@ -113,7 +113,8 @@ inline void softmax_backward(float* dx, const float* dout, const float* y, int64
                              cudaStream_t stream = nullptr) {
   detail::check_rows("softmax_backward", N, C);
   if (N == 0) return;
-  detail::softmax_backward_kernel<false><<<static_cast<unsigned>(N), detail::row_threads(C), 0, stream>>>(dx, dout, y, C);
+  MOA_CUDA_LAUNCH(detail::softmax_backward_kernel<false>, static_cast<unsigned>(N), detail::row_threads(C), 0, stream,
+                  dx, dout, y, C);
   MOA_CUDA_LAUNCH_CHECK();
 }
 
@@ -121,7 +122,8 @@ inline void softmax_backward(float* dx, const float* dout, const float* y, int64
 inline void log_softmax_forward(float* out, const float* x, int64_t N, int64_t C, cudaStream_t stream = nullptr) {
   detail::check_rows("log_softmax_forward", N, C);
   if (N == 0) return;
-  detail::softmax_forward_kernel<true><<<static_cast<unsigned>(N), detail::row_threads(C), 0, stream>>>(out, x, C);
+  MOA_CUDA_LAUNCH(detail::softmax_forward_kernel<true>, static_cast<unsigned>(N), detail::row_threads(C), 0, stream,
+                  out, x, C);
   MOA_CUDA_LAUNCH_CHECK();
 }
 
@@ -130,7 +132,8 @@ inline void log_softmax_backward(float* dx, const float* dout, const float* y, i
                                  cudaStream_t stream = nullptr) {
   detail::check_rows("log_softmax_backward", N, C);
   if (N == 0) return;
-  detail::softmax_backward_kernel<true><<<static_cast<unsigned>(N), detail::row_threads(C), 0, stream>>>(dx, dout, y, C);
+  MOA_CUDA_LAUNCH(detail::softmax_backward_kernel<true>, static_cast<unsigned>(N), detail::row_threads(C), 0, stream,
+                  dx, dout, y, C);
   MOA_CUDA_LAUNCH_CHECK();
 }
 
@@ -142,10 +145,11 @@ inline void cross_entropy_forward(float* loss, float* lse, const float* logits, 
                                   int64_t V, int32_t ignore_index = -100, cudaStream_t stream = nullptr) {
   detail::check_rows("cross_entropy_forward", N, V);
   if (N > 0) {
-    detail::xent_lse_kernel<<<static_cast<unsigned>(N), detail::row_threads(V), 0, stream>>>(lse, logits, V);
+    MOA_CUDA_LAUNCH(detail::xent_lse_kernel, static_cast<unsigned>(N), detail::row_threads(V), 0, stream, lse, logits,
+                    V);
     MOA_CUDA_LAUNCH_CHECK();
   }
-  detail::xent_mean_kernel<<<1, 1024, 0, stream>>>(loss, lse, logits, targets, N, V, ignore_index);
+  MOA_CUDA_LAUNCH(detail::xent_mean_kernel, 1, 1024, 0, stream, loss, lse, logits, targets, N, V, ignore_index);
   MOA_CUDA_LAUNCH_CHECK();
 }
 
@@ -157,10 +161,10 @@ inline void cross_entropy_backward(float* dlogits, const float* dloss, const flo
                                    int32_t ignore_index = -100, cudaStream_t stream = nullptr) {
   detail::check_rows("cross_entropy_backward", N, V);
   if (N == 0) return;
-  detail::xent_scale_kernel<<<1, 1024, 0, stream>>>(scratch, dloss, targets, N, ignore_index);
+  MOA_CUDA_LAUNCH(detail::xent_scale_kernel, 1, 1024, 0, stream, scratch, dloss, targets, N, ignore_index);
   MOA_CUDA_LAUNCH_CHECK();
-  detail::xent_backward_kernel<<<static_cast<unsigned>(N), detail::row_threads(V), 0, stream>>>(
-      dlogits, scratch, logits, lse, targets, V, ignore_index);
+  MOA_CUDA_LAUNCH(detail::xent_backward_kernel, static_cast<unsigned>(N), detail::row_threads(V), 0, stream, dlogits,
+                  scratch, logits, lse, targets, V, ignore_index);
   MOA_CUDA_LAUNCH_CHECK();
 }
 
