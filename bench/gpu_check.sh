@@ -6,6 +6,12 @@
 #
 #   bash bench/gpu_check.sh [build-dir]        (default build-gpu/; MOA_CUDA_ARCH=90 by default)
 #
+# A bare GPU machine (CUDA, CMake and a compiler, nothing fetched) lacks doctest, nlohmann-json and
+# zlib's headers: run `bash bench/gpu_deps.sh` first where Debian's mirrors are reachable and carry
+# .gpu-deps/ along; this script unpacks them into the build folder. MOA_GPU_CHECK_BUILD_ONLY=1
+# configures and builds without a GPU (a check of the script itself), MOA_GPU_CMAKE_ARGS adds
+# configure arguments (e.g. -DCMAKE_SYSTEM_IGNORE_PREFIX_PATH=/usr to build as on a bare machine).
+#
 # It configures the moa tree itself when tests/CMakeLists.txt includes tests/cuda; otherwise (or
 # when the full tree cannot configure here, e.g. a dependency of the CPU build is missing) it uses a
 # small wrapper project that includes only tests/cuda/CMakeLists.txt.
@@ -20,16 +26,41 @@ t0=$(date +%s)
 
 step() { printf '\n== %s (%ds)\n' "$1" $(( $(date +%s) - t0 )); }
 
-if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
-  echo "gpu_check: no NVIDIA GPU visible (nvidia-smi); nothing to check" >&2
-  exit 2
+build_only=${MOA_GPU_CHECK_BUILD_ONLY:-0}  # 1: configure and build only (checks the script without a GPU)
+extra_cmake_args=(${MOA_GPU_CMAKE_ARGS:-})
+if [ "$build_only" != 1 ]; then
+  if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "gpu_check: no NVIDIA GPU visible (nvidia-smi); nothing to check" >&2
+    exit 2
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+
+# Dependencies a bare GPU machine lacks (doctest, nlohmann-json, zlib's headers): the Debian packages
+# bench/gpu_deps.sh downloaded into .gpu-deps/, carried along, unpacked into the build folder (not /).
+if compgen -G ".gpu-deps/*.deb" >/dev/null; then
+  case $build in /*) deps="$build/deps" ;; *) deps="$root/$build/deps" ;; esac
+  mkdir -p "$deps"
+  for f in .gpu-deps/*.deb; do
+    if command -v dpkg-deb >/dev/null; then
+      dpkg-deb -x "$f" "$deps"
+    else  # a .deb is an ar archive holding data.tar.*
+      tmp=$(mktemp -d)
+      (cd "$tmp" && ar x "$root/$f" && tar -xf data.tar.* -C "$deps")
+      rm -rf "$tmp"
+    fi
+  done
+  # libz.so links to this machine's libz.so.1.x, which may be another version there: drop a dangling
+  # link so that the static libz.a of the package is used
+  find "$deps" -xtype l -delete
+  export CMAKE_PREFIX_PATH="$deps/usr${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
+  echo "gpu_check: using the packages of .gpu-deps/ ($(ls .gpu-deps | tr '\n' ' '))"
+fi
 
 step "configure (Release, CUDA architectures $arch)"
 configured=0
 if grep -qs 'add_subdirectory(cuda)' tests/CMakeLists.txt; then
-  if timeout 120 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DMOA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch" \
+  if timeout 120 cmake -S . -B "$build" "${extra_cmake_args[@]}" -DCMAKE_BUILD_TYPE=Release -DMOA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch" \
       -DMOA_BUILD_EXAMPLES=OFF -DMOA_BUILD_BENCH=OFF -DMOA_HEADER_COMPILE=OFF -DMOA_PACKAGE_TESTS=OFF >"$build.configure.log" 2>&1; then
     configured=1
   else
@@ -58,7 +89,7 @@ if(ZLIB_FOUND)
 endif()
 add_subdirectory("$root/tests/cuda" cuda)
 CML
-  timeout 120 cmake -S "$wrapper" -B "$build" -DCMAKE_BUILD_TYPE=Release -DMOA_CUDA=ON \
+  timeout 120 cmake -S "$wrapper" -B "$build" "${extra_cmake_args[@]}" -DCMAKE_BUILD_TYPE=Release -DMOA_CUDA=ON \
     -DCMAKE_CUDA_ARCHITECTURES="$arch" || { echo "gpu_check: configure failed" >&2; exit 1; }
 fi
 
@@ -71,6 +102,11 @@ lib_ok=1
 timeout 300 cmake --build "$build" -j"$jobs" --target moa_cuda_device_tests bench_cuda_lm || {
   lib_ok=0; echo "gpu_check: moa_cuda_device_tests / bench_cuda_lm did not build here (see above)" >&2; }
 build_s=$(( $(date +%s) - tb ))
+if [ "$build_only" = 1 ]; then
+  echo "gpu_check: built in ${build_s}s (MOA_GPU_CHECK_BUILD_ONLY=1: nothing run)"
+  [ "$lib_ok" = 1 ]
+  exit
+fi
 
 step "ctest -L cuda"
 ctest_log="$build/ctest-cuda.log"

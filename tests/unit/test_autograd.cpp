@@ -133,3 +133,31 @@ TEST_CASE("autograd: a forward + backward repeats bitwise with the same seed and
   CHECK(std::get<1>(a) == std::get<1>(b));
   CHECK(std::get<2>(a) == std::get<2>(b));
 }
+
+TEST_CASE("autograd: a gradient the engine alone holds is kept, not copied; a shared one is copied") {
+  // A custom op whose backward returns a fresh tensor: the leaf's first gradient is that tensor.
+  const void* produced = nullptr;
+  Tensor x = Tensor::from_vector(std::vector<double>{1, 2, 3}).set_requires_grad();
+  Tensor y = x.detach().clone();
+  autograd::record("probe", y, {x}, [&](const Tensor& g, const std::vector<char>&) {
+    Tensor r = g * 2.0;
+    produced = r.data_ptr();
+    return std::vector<Tensor>{r};
+  });
+  sum(y).backward();
+  CHECK(x.grad().data_ptr() == produced);
+  CHECK(x.grad().to_vector<double>() == std::vector<double>{2, 2, 2});
+
+  // Shared: add's backward hands one gradient to both inputs; each leaf gets its own memory.
+  Tensor a = Tensor::from_vector(std::vector<double>{1, 1}).set_requires_grad();
+  Tensor b = Tensor::from_vector(std::vector<double>{2, 2}).set_requires_grad();
+  sum(a + b).backward();
+  CHECK(a.grad().data_ptr() != b.grad().data_ptr());
+
+  // A node's gradient from two consumers (h feeds h * h and h itself), accumulated in place when the
+  // engine alone holds the first; the values are the chain rule's: d/dx sum(h^2 + h), h = 3x.
+  Tensor w = Tensor::from_vector(std::vector<double>{1, -2}).set_requires_grad();
+  Tensor h = w * 3.0;
+  (sum(h * h) + sum(h)).backward();
+  CHECK(w.grad().to_vector<double>() == std::vector<double>{3 * (2 * 3 + 1), 3 * (2 * -6 + 1)});
+}

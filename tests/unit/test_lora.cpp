@@ -83,6 +83,26 @@ TEST_CASE("lora_add: y = base + s (x A^T) B^T, gradients by finite differences (
   auto res2 = autograd::gradcheck([&](const std::vector<Tensor>& in) { return lora::lora_add(base2, x2, in[0], in[1], s); },
                                   {A, B});
   CHECK(res2.ok);
+  // base handed over (an rvalue): its memory holds the result when nothing else shares it; given
+  // as an lvalue, or shared with a view, it is left as it was.
+  const Tensor base_before = base.detach().clone();
+  CHECK(test::max_abs_diff(base, base_before) == 0);
+  Tensor owned = base.detach().clone();
+  const void* owned_ptr = owned.data_ptr();
+  Tensor y2 = lora::lora_add(std::move(owned), x, A, B, s);
+  CHECK(y2.data_ptr() == owned_ptr);
+  CHECK(test::max_abs_diff(y2, ref) < 1e-12);
+  Tensor shared = base.detach().clone();
+  const Tensor view = shared.view({-1});
+  Tensor y3 = lora::lora_add(std::move(shared), x, A, B, s);
+  CHECK(y3.data_ptr() != view.data_ptr());
+  CHECK(test::max_abs_diff(view.view(base.shape()), base_before) == 0);
+  CHECK(test::max_abs_diff(y3, ref) < 1e-12);
+  // Gradients through the handed-over path (base a fresh clone, kept by lora_add).
+  auto f_owned = [s](const std::vector<Tensor>& in) { return lora::lora_add(in[1].clone(), in[0], in[2], in[3], s); };
+  auto res3 = autograd::gradcheck(f_owned, {x, base, A, B});
+  INFO(res3.message);
+  CHECK(res3.ok);
   test::check_throws_with<ShapeError>([&] { lora::lora_add(base, x, B, A, s); }, {"A (R, In)", "B (Out, R)"});
   test::check_throws_with<ShapeError>([&] { lora::lora_add(base2, x, A, B, s); }, {"base of shape"});
 }

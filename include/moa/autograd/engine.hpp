@@ -17,22 +17,34 @@ namespace moa::autograd {
 
 namespace detail {
 
-// acc += g elementwise (both contiguous, same shape and dtype), in place.
-inline void add_into(Tensor& acc, const Tensor& g) {
-  if (on_device(acc)) {
-    const Strides st = acc.strides();
-    if (acc.numel() > 0)
-      backend(acc.device()).binary(BinaryOp::add, acc.data<float>(), acc.shape(), acc.data<float>(), st, g.data<float>(), st);
+// out = a + g elementwise (all contiguous, same shape and dtype); out may be a (in place).
+inline void add_to(Tensor& out, const Tensor& a, const Tensor& g) {
+  if (on_device(out)) {
+    const Strides st = out.strides();
+    if (out.numel() > 0)
+      backend(out.device()).binary(BinaryOp::add, out.data<float>(), out.shape(), a.data<float>(), st, g.data<float>(), st);
     return;
   }
-  ::moa::detail::dispatch_float(acc.dtype(), "backward", [&]<class T>() {
-    T* a = acc.data<T>();
-    const T* b = g.data<T>();
-    const int64_t n = acc.numel();
+  ::moa::detail::dispatch_float(out.dtype(), "backward", [&]<class T>() {
+    T* o = out.data<T>();
+    const T* x = a.data<T>();
+    const T* y = g.data<T>();
+    const int64_t n = out.numel();
     ::moa::detail::parallel_for(n, 1, [&](int64_t s, int64_t e) {
-      for (int64_t i = s; i < e; ++i) a[i] += b[i];
+      for (int64_t i = s; i < e; ++i) o[i] = x[i] + y[i];
     });
   });
+}
+
+// acc += g elementwise (both contiguous, same shape and dtype), in place.
+inline void add_into(Tensor& acc, const Tensor& g) { add_to(acc, acc, g); }
+
+// Whether the engine may keep g as a gradient and add into it in place: g is contiguous and alone
+// holds its memory (no other handle, view, saved value or pending gradient shares the storage).
+// Where this is false the engine copies first, as before; where true it saves a copy (a full read
+// and write of the gradient: on a transformer's residual stream and every leaf, once a step).
+inline bool sole_owner(const Tensor& g) {
+  return g.is_contiguous() && g.impl_ptr().use_count() == 1 && g.storage().use_count() == 1;
 }
 
 // A gradient as an owned contiguous tensor of `shape` (copies when it might alias another).
@@ -52,7 +64,7 @@ inline void check_grad(const Node& n, std::size_t i, const Tensor& g) {
 
 inline void accumulate_leaf(::moa::detail::TensorImpl& leaf, const Tensor& g) {
   if (!leaf.grad) {
-    leaf.grad = owned_copy(g).impl_ptr();
+    leaf.grad = sole_owner(g) ? g.impl_ptr() : owned_copy(g).impl_ptr();
   } else {
     Tensor acc(leaf.grad);
     Tensor gc = g.is_contiguous() ? g : owned_copy(g);
@@ -129,6 +141,7 @@ inline void run_backward(const Tensor& root, const Tensor& root_grad, bool retai
     grads.erase(found);
     if (!g.is_contiguous()) g = detail::owned_copy(g);
     std::vector<Tensor> in_grads = n->fn(g, n->needs);
+    g = Tensor();  // an input gradient that is g itself (or a view of it) is then owned by in_grads alone
     MOA_CHECK(in_grads.size() == n->edges.size(), AutogradError, "backward of '", n->name, "': expected ",
               n->edges.size(), " input gradients, got ", in_grads.size());
     done.push_back(n);
@@ -145,11 +158,16 @@ inline void run_backward(const Tensor& root, const Tensor& root_grad, bool retai
         auto it = grads.find(child);
         if (it == grads.end()) {
           grads.emplace(child, std::move(in_grads[i]));
-        } else {  // out of place: the stored gradient may alias another node's
-          Tensor sum = detail::owned_copy(it->second);
+        } else {
           Tensor gi = in_grads[i].is_contiguous() ? in_grads[i] : detail::owned_copy(in_grads[i]);
-          detail::add_into(sum, gi);
-          it->second = std::move(sum);
+          if (detail::sole_owner(it->second)) {
+            detail::add_into(it->second, gi);
+          } else {  // out of place: the stored gradient may alias another node's
+            const Tensor a = it->second.is_contiguous() ? it->second : detail::owned_copy(it->second);
+            Tensor sum = Tensor::empty(a.shape(), a.dtype(), a.device());
+            detail::add_to(sum, a, gi);
+            it->second = std::move(sum);
+          }
         }
         if (--pending[child] == 0) ready.push(child);
       } else if (e.leaf) {

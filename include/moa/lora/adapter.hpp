@@ -55,6 +55,10 @@ class LoRA : public nn::LinearAdapter {
     const Tensor xd = config_.dropout > 0 ? dropout(x, config_.dropout, dropout_gen_, is_training()) : x;
     return lora_add(base_out, xd, A, B, scale());
   }
+  Tensor forward_owned(const Tensor& x, Tensor base_out) override {
+    const Tensor xd = config_.dropout > 0 ? dropout(x, config_.dropout, dropout_gen_, is_training()) : x;
+    return lora_add(std::move(base_out), xd, A, B, scale());
+  }
 
   // scale * B A (Out, In), the change to the base weight, in f64 (for merging).
   Tensor delta_weight() const {
@@ -88,6 +92,10 @@ class LoRALinear : public nn::LinearAdapter {
   Tensor forward(const Tensor& x, const Tensor& base_out) override {
     if (active_.empty() || !merged_.empty()) return base_out;
     return get(active_)->forward(x, base_out);
+  }
+  Tensor forward_owned(const Tensor& x, Tensor base_out) override {
+    if (active_.empty() || !merged_.empty()) return base_out;
+    return get(active_)->forward_owned(x, std::move(base_out));
   }
 
   // Adds a named adapter (inactive). The name must be new here.

@@ -15,8 +15,10 @@
 
 namespace moa::lora {
 
-// x (..., In), base (..., Out), A (R, In), B (Out, R) -> (..., Out).
-inline Tensor lora_add(const Tensor& base, const Tensor& x, const Tensor& A, const Tensor& B, double scale) {
+namespace detail {
+
+inline Tensor lora_add(const Tensor& base, bool reuse_base, const Tensor& x, const Tensor& A, const Tensor& B,
+                       double scale) {
   MOA_CHECK(base.defined() && x.defined() && A.defined() && B.defined(), ValueError,
             "lora_add: expected defined tensors");
   for (const Tensor* t : {&base, &A, &B}) {
@@ -44,7 +46,12 @@ inline Tensor lora_add(const Tensor& base, const Tensor& x, const Tensor& A, con
     Ac = A.contiguous();
     Bc = B.contiguous();
     u = ::moa::detail::matmul_forward(xc, Ac.t());  // (N, R)
-    out = base.clone();                              // (..., Out), accumulated onto below
+    // (..., Out), accumulated onto below: base's own memory when base was handed over and nothing
+    // else (a view, a value saved for a backward) shares it, else a copy
+    const bool sole = reuse_base && base.is_contiguous() && base.impl_ptr().use_count() == 1 &&
+                      base.storage().use_count() == 1;
+    out = sole ? base.detach() : base.clone();
+    if (sole) ++out.storage()->version;
   }
   const int64_t N = xc.size(0);
   const Device dev = x.device();
@@ -89,6 +96,17 @@ inline Tensor lora_add(const Tensor& base, const Tensor& x, const Tensor& A, con
         });
   }
   return out;
+}
+
+}  // namespace detail
+
+// x (..., In), base (..., Out), A (R, In), B (Out, R) -> (..., Out).
+inline Tensor lora_add(const Tensor& base, const Tensor& x, const Tensor& A, const Tensor& B, double scale) {
+  return detail::lora_add(base, false, x, A, B, scale);
+}
+// The same with base handed over (an rvalue): its memory holds the result when nothing else shares it.
+inline Tensor lora_add(Tensor&& base, const Tensor& x, const Tensor& A, const Tensor& B, double scale) {
+  return detail::lora_add(base, true, x, A, B, scale);
 }
 
 }  // namespace moa::lora

@@ -15,6 +15,9 @@ namespace moa::nn {
 class LinearAdapter : public Module {
  public:
   virtual Tensor forward(const Tensor& x, const Tensor& base_out) = 0;
+  // The same, with the linear's output handed over for good: an adapter may add into its memory
+  // when nothing else holds it (LoRA does, which saves a copy of the output). By default: forward.
+  virtual Tensor forward_owned(const Tensor& x, Tensor base_out) { return forward(x, base_out); }
 };
 
 // weight: (Out, In), bias: (Out) or none. Initialised N(0, init_std), bias 0.
@@ -31,7 +34,7 @@ class Linear : public Module {
   // x: (..., In) -> (..., Out); the adapter, when one is attached, adds its part.
   Tensor forward(const Tensor& x) {
     Tensor y = linear(x, weight, bias);
-    return adapter_ ? adapter_->forward(x, y) : y;
+    return adapter_ ? adapter_->forward_owned(x, std::move(y)) : y;
   }
 
   // Attaches (or, with nullptr, removes) an adapter; its parameters appear under `name`.
