@@ -207,6 +207,15 @@ inline void ops(Device dev, double tol) {
              {true, true, true, true, true, true, true, true}, [&](const V& x) {
                return grouped_lora(x[0], {x[1], x[2], x[3]}, {x[4], x[5], x[6]}, rows2, experts2, x[7], 0.5);
              }, t);
+    check_op(
+        "grouped_lora_add top-2 gates onto a base", dev,
+        {rnd({3, 8}, 66), rnd({4, 8}, 67), rnd({4, 8}, 68), rnd({6, 4}, 69), rnd({6, 4}, 70), rnd({6}, 71, 0.1, 1.0),
+         rnd({3, 6}, 72)},
+        {true, true, true, true, true, true, true},
+        [&](const V& x) {
+          return grouped_lora_add(x[6] * 1.0, x[0], {x[1], x[2]}, {x[3], x[4]}, rows2, {1, 0, 0, 1, 1, 0}, x[5], 0.5);
+        },
+        t);
   }
 }
 

@@ -96,6 +96,49 @@ TEST_CASE("gradcheck: grouped_lora with top-k gate weights, repeated rows, an un
   CHECK_FALSE(ex.A[2].grad().defined());
 }
 
+TEST_CASE(
+    "grouped_lora_add: base + the product in base's shape, gradients to base too; base reused only when handed over") {
+  Generator g(4);
+  const int64_t N = 6, In = 4, Out = 3, R = 2, E = 2;
+  Tensor x = Tensor::randn({N, In}, g, DType::f64).set_requires_grad();
+  Tensor base = Tensor::randn({2, 3, Out}, g, DType::f64).set_requires_grad();
+  Experts ex = make_experts(E, R, In, Out, g, DType::f64, true);
+  const std::vector<int32_t> rows{0, 0, 1, 2, 3, 4, 5, 5}, experts{0, 1, 1, 0, 0, 1, 0, 1};
+  Tensor w = Tensor::rand({8}, g, DType::f64, 0.1, 1.0).set_requires_grad();
+  const Tensor want = base + grouped_lora(x, ex.A, ex.B, rows, experts, w, 0.7).view(base.shape());
+  const Tensor got = grouped_lora_add(base, x, ex.A, ex.B, rows, experts, w, 0.7);
+  CHECK(got.shape() == base.shape());
+  CHECK(test::max_abs_diff(got, want) < 1e-12);
+  std::vector<Tensor> in{base, x, w};
+  in.insert(in.end(), ex.A.begin(), ex.A.end());
+  in.insert(in.end(), ex.B.begin(), ex.B.end());
+  const auto f = [&](const std::vector<Tensor>& v) {
+    return grouped_lora_add(v[0], v[1], {v[3], v[4]}, {v[5], v[6]}, rows, experts, v[2], 0.7);
+  };
+  const auto r = autograd::gradcheck(f, in);
+  INFO(r.message);
+  CHECK(r.ok);
+  // Handed over (an rvalue) and held by nothing else: the result lives in base's memory; held by a
+  // view as well, or given as an lvalue: base is left as it was.
+  const Tensor before = base.detach().clone();
+  Tensor owned = base.detach().clone();
+  const void* p = owned.data_ptr();
+  const Tensor y1 = grouped_lora_add(std::move(owned), x, ex.A, ex.B, rows, experts, w, 0.7);
+  CHECK(y1.data_ptr() == p);
+  CHECK(test::max_abs_diff(y1, want) < 1e-12);
+  Tensor shared = base.detach().clone();
+  const Tensor view = shared.view({-1});
+  const Tensor y2 = grouped_lora_add(std::move(shared), x, ex.A, ex.B, rows, experts, w, 0.7);
+  CHECK(y2.data_ptr() != view.data_ptr());
+  CHECK(test::max_abs_diff(view.view(base.shape()), before) == 0);
+  CHECK(test::max_abs_diff(base, before) == 0);
+  test::check_throws_with<ShapeError>(
+      [&] {
+        (void)grouped_lora_add(Tensor::zeros({5, Out}, DType::f64), x, ex.A, ex.B, rows, experts, w, 0.7);
+      },
+      {"grouped_lora_add", "base"});
+}
+
 TEST_CASE("grouped_lora: bad input") {
   Generator g(4);
   Tensor x = Tensor::randn({3, 4}, g);

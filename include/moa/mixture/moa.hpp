@@ -84,7 +84,26 @@ class MoAAdapter : public nn::LinearAdapter {
     for (std::size_t e = 0; e < c.domains.size(); ++e) experts_->push_back(std::make_shared<Expert>(in, out, c.rank, gen));
   }
 
-  Tensor forward(const Tensor& x, const Tensor& base_out) override {
+  Tensor forward(const Tensor& x, const Tensor& base_out) override { return apply(x, base_out, false); }
+  // The base output handed over: the experts' product is added onto its memory (no copy, no add).
+  Tensor forward_owned(const Tensor& x, Tensor base_out) override { return apply(x, std::move(base_out), true); }
+
+  std::shared_ptr<nn::ModuleList<Expert>> experts() const { return experts_; }
+  int64_t layer() const { return layer_; }
+
+  void add_expert(Generator& gen) { experts_->push_back(std::make_shared<Expert>(in_, out_, rank_, gen)); }
+  void remove_expert(std::size_t e) {
+    // Rebuild the list without expert e (the names 0..E-2 stay dense).
+    auto fresh = std::make_shared<nn::ModuleList<Expert>>();
+    for (std::size_t i = 0; i < experts_->size(); ++i)
+      if (i != e) fresh->push_back((*experts_)[i]);
+    remove_child("experts");
+    experts_ = register_module("experts", fresh);
+  }
+
+ private:
+  // base_out + the routed experts' product, onto base_out's memory when owned and held by nothing else.
+  Tensor apply(const Tensor& x, Tensor base_out, bool owned) {
     const int64_t N = x.numel() / in_;
     std::vector<Tensor> A, B;
     for (const auto& e : *experts_) {
@@ -92,7 +111,12 @@ class MoAAdapter : public nn::LinearAdapter {
       B.push_back(e->lora_B);
     }
     const RoutingState& r = *routing_;
-    Tensor delta;
+    const auto add = [&](const std::vector<int32_t>& rows, const std::vector<int32_t>& experts, const Tensor& w) {
+      const Tensor xr = x.reshape({N, in_});
+      GroupingCache* cache = r.grouping_cache(layer_);
+      return owned ? grouped_lora_add(std::move(base_out), xr, A, B, rows, experts, w, scale_, cache)
+                   : grouped_lora_add(base_out, xr, A, B, rows, experts, w, scale_, cache);
+    };
     if (r.mode == RoutingMode::sequence) {
       std::vector<int32_t> se = r.seq_expert.at(static_cast<std::size_t>(layer_));
       if (const auto* sub = nn::RowScope::rows()) {  // a forward over some rows of the batch
@@ -111,29 +135,13 @@ class MoAAdapter : public nn::LinearAdapter {
         rows[n] = static_cast<int32_t>(n);
         experts[n] = se[static_cast<std::size_t>(n / T)];
       }
-      delta = grouped_lora(x.reshape({N, in_}), A, B, rows, experts, Tensor(), scale_, r.grouping_cache(layer_));
+      return add(rows, experts, Tensor());
     } else {
       const auto l = static_cast<std::size_t>(layer_);
-      delta = grouped_lora(x.reshape({N, in_}), A, B, r.rows.at(l), r.experts.at(l), r.weights.at(l), scale_,
-                           r.grouping_cache(layer_));
+      return add(r.rows.at(l), r.experts.at(l), r.weights.at(l));
     }
-    return base_out + delta.view(base_out.shape());
   }
 
-  std::shared_ptr<nn::ModuleList<Expert>> experts() const { return experts_; }
-  int64_t layer() const { return layer_; }
-
-  void add_expert(Generator& gen) { experts_->push_back(std::make_shared<Expert>(in_, out_, rank_, gen)); }
-  void remove_expert(std::size_t e) {
-    // Rebuild the list without expert e (the names 0..E-2 stay dense).
-    auto fresh = std::make_shared<nn::ModuleList<Expert>>();
-    for (std::size_t i = 0; i < experts_->size(); ++i)
-      if (i != e) fresh->push_back((*experts_)[i]);
-    remove_child("experts");
-    experts_ = register_module("experts", fresh);
-  }
-
- private:
   int64_t layer_, in_, out_, rank_;
   double scale_;
   std::shared_ptr<RoutingState> routing_;

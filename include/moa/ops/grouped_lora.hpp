@@ -126,11 +126,25 @@ class GroupingCache {
 
 namespace detail {
 
+// The output the product is added onto: zeros (N, Out), or base's values in base's shape: base's own
+// memory when it was handed over (reuse) and nothing else holds it, else a copy.
+inline Tensor grouped_out(const Tensor& base, bool reuse, int64_t N, int64_t Out, DType dt, Device dev) {
+  if (!base.defined()) return Tensor::zeros({N, Out}, dt, dev);
+  NoGradGuard no_grad;
+  if (reuse && base.is_contiguous() && base.impl_ptr().use_count() == 1 && base.storage().use_count() == 1) {
+    Tensor o = base.detach();
+    ++o.storage()->version;
+    return o;
+  }
+  return base.detach().clone();
+}
+
 // The device path: one segmented product for all experts (DeviceBackend::grouped_lora_*), with the
 // assignments sorted by expert on the host and uploaded with the segment offsets (once per routing
 // with a GroupingCache).
 inline Tensor grouped_lora_device(const Tensor& x, const std::vector<Tensor>& A, const std::vector<Tensor>& B,
-                                  const DeviceGrouping& grouping, const Tensor& weights, double scale) {
+                                  const DeviceGrouping& grouping, const Tensor& weights, double scale,
+                                  const Tensor& base, bool reuse_base) {
   check_device_f32(x, "grouped_lora");
   const Device dev = x.device();
   const int64_t E = static_cast<int64_t>(A.size()), N = x.size(0), In = x.size(1), Out = B[0].size(0);
@@ -161,22 +175,25 @@ inline Tensor grouped_lora_device(const Tensor& x, const std::vector<Tensor>& A,
     pB.push_back(Bc.back().data<float>());
   }
   const GroupedLoRADims dims{N, M, E, In, Out, R};
-  Tensor out = Tensor::zeros({N, Out}, DType::f32, dev);
+  Tensor out = grouped_out(base, reuse_base, N, Out, DType::f32, dev);
   Tensor h = Tensor::empty({M, R}, DType::f32, dev);
   if (M > 0)
     backend(dev).grouped_lora_forward(out.data<float>(), h.data<float>(), xc.data<float>(), pA, pB,
                                       rows_d.data<int32_t>(), seg_d.data<int32_t>(),
                                       wg.defined() ? wg.data<float>() : nullptr, static_cast<float>(scale), dims, unique);
-  const std::vector<Tensor> inputs = grouped_inputs(x, weights, A, B);
+  std::vector<Tensor> inputs = grouped_inputs(x, weights, A, B);
+  const bool has_base = base.defined();
+  if (has_base) inputs.push_back(base);
   if (autograd::needs_graph(inputs)) {
     const std::vector<Tensor> Ad = detached(Ac), Bd = detached(Bc);
     autograd::record(
         "grouped_lora", out, inputs,
-        [xd = xc.detach(), wg, h, Ad, Bd, rows_d, seg_d, order_d, begin = grouping.begin, scale, dims, unique](
-            const Tensor& g, const std::vector<char>& needs) {
+        [xd = xc.detach(), wg, h, Ad, Bd, rows_d, seg_d, order_d, begin = grouping.begin, scale, dims, unique,
+         has_base](const Tensor& g, const std::vector<char>& needs) {
           const int64_t E = dims.E, M = dims.M;
           const Device dev = g.device();
-          std::vector<Tensor> r(static_cast<std::size_t>(2 + 2 * E));
+          std::vector<Tensor> r(static_cast<std::size_t>(2 + 2 * E + (has_base ? 1 : 0)));
+          if (has_base && needs[2 + 2 * E]) r[2 + 2 * E] = g;  // d(base + product) / d base
           if (needs[0]) r[0] = Tensor::zeros({dims.N, dims.In}, DType::f32, dev);
           if (needs[1]) r[1] = Tensor::zeros({M}, DType::f32, dev);
           if (M == 0) return r;
@@ -213,11 +230,11 @@ inline Tensor grouped_lora_device(const Tensor& x, const std::vector<Tensor>& A,
 
 }  // namespace detail
 
-// cache (optional): on a device, reuse the uploaded grouping of an earlier call with the same rows
-// and experts (see GroupingCache); ignored on the cpu.
+namespace detail {
+
 inline Tensor grouped_lora(const Tensor& x, const std::vector<Tensor>& A, const std::vector<Tensor>& B,
-                           const std::vector<int32_t>& rows, const std::vector<int32_t>& experts,
-                           const Tensor& weights, double scale, GroupingCache* cache = nullptr) {
+                           const std::vector<int32_t>& rows, const std::vector<int32_t>& experts, const Tensor& weights,
+                           double scale, GroupingCache* cache, const Tensor& base, bool reuse_base) {
   const int64_t E = static_cast<int64_t>(A.size());
   MOA_CHECK(E >= 1 && B.size() == A.size(), ValueError, "grouped_lora: expected at least one expert and as many B as A, got ",
             A.size(), " A and ", B.size(), " B");
@@ -243,11 +260,21 @@ inline Tensor grouped_lora(const Tensor& x, const std::vector<Tensor>& A, const 
   if (weights.defined())
     MOA_CHECK(weights.dim() == 1 && weights.size(0) == M && weights.dtype() == x.dtype(), ShapeError,
               "grouped_lora: expected weights (", M, "), got ", shape_str(weights.shape()));
+  if (base.defined()) {
+    MOA_CHECK(base.dim() >= 1 && base.shape().back() == Out && base.numel() == N * Out && base.dtype() == x.dtype(),
+              ShapeError, "grouped_lora_add: expected base (..., ", Out, ") with ", N, " rows of dtype ",
+              dtype_name(x.dtype()), ", got ", shape_str(base.shape()), " ", dtype_name(base.dtype()));
+    MOA_CHECK(base.device() == x.device(), DeviceError, "grouped_lora_add: expected base on ", x.device().str(),
+              ", got ", base.device().str());
+  }
 
   if (on_device(x)) {
-    if (cache) return detail::grouped_lora_device(x, A, B, cache->get(rows, experts, E, N, x.device()), weights, scale);
+    if (cache)
+      return detail::grouped_lora_device(x, A, B, cache->get(rows, experts, E, N, x.device()), weights, scale, base,
+                                         reuse_base);
     return detail::grouped_lora_device(
-        x, A, B, detail::upload_grouping(rows, detail::group_by_expert(experts, E), N, x.device()), weights, scale);
+        x, A, B, detail::upload_grouping(rows, detail::group_by_expert(experts, E), N, x.device()), weights, scale,
+        base, reuse_base);
   }
   const detail::ExpertGroups groups = detail::group_by_expert(experts, E);
   const Tensor xc = x.contiguous();
@@ -257,7 +284,7 @@ inline Tensor grouped_lora(const Tensor& x, const std::vector<Tensor>& A, const 
     Ac.push_back(A[e].contiguous());
     Bc.push_back(B[e].contiguous());
   }
-  Tensor out = Tensor::zeros({N, Out}, x.dtype(), x.device());
+  Tensor out = detail::grouped_out(base, reuse_base, N, Out, x.dtype(), x.device());
   detail::dispatch_float(x.dtype(), "grouped_lora", [&]<class T>() {
     const T* px = xc.data<T>();
     T* po = out.data<T>();
@@ -285,14 +312,17 @@ inline Tensor grouped_lora(const Tensor& x, const std::vector<Tensor>& A, const 
     }
   });
 
-  const std::vector<Tensor> inputs = detail::grouped_inputs(x, weights, A, B);
+  std::vector<Tensor> inputs = detail::grouped_inputs(x, weights, A, B);
+  const bool has_base = base.defined();
+  if (has_base) inputs.push_back(base);
   if (autograd::needs_graph(inputs)) {
     const std::vector<Tensor> Ad = detail::detached(Ac), Bd = detail::detached(Bc);
     autograd::record(
         "grouped_lora", out, inputs,
-        [xd = xc.detach(), wd = wc.defined() ? wc.detach() : Tensor(), Ad, Bd, H, groups, rows, scale, E, N, In,
-         Out](const Tensor& g, const std::vector<char>& needs) {
-          std::vector<Tensor> r(static_cast<std::size_t>(2 + 2 * E));
+        [xd = xc.detach(), wd = wc.defined() ? wc.detach() : Tensor(), Ad, Bd, H, groups, rows, scale, E, N, In, Out,
+         has_base](const Tensor& g, const std::vector<char>& needs) {
+          std::vector<Tensor> r(static_cast<std::size_t>(2 + 2 * E + (has_base ? 1 : 0)));
+          if (has_base && needs[2 + 2 * E]) r[2 + 2 * E] = g;  // d(base + product) / d base
           const bool need_x = needs[0], need_w = needs[1];
           if (need_x) r[0] = Tensor::zeros({N, In}, g.dtype());
           if (need_w) r[1] = Tensor::zeros({static_cast<int64_t>(rows.size())}, g.dtype());
@@ -359,6 +389,34 @@ inline Tensor grouped_lora(const Tensor& x, const std::vector<Tensor>& A, const 
         });
   }
   return out;
+}
+
+}  // namespace detail
+
+// cache (optional): on a device, reuse the uploaded grouping of an earlier call with the same rows
+// and experts (see GroupingCache); ignored on the cpu.
+inline Tensor grouped_lora(const Tensor& x, const std::vector<Tensor>& A, const std::vector<Tensor>& B,
+                           const std::vector<int32_t>& rows, const std::vector<int32_t>& experts, const Tensor& weights,
+                           double scale, GroupingCache* cache = nullptr) {
+  return detail::grouped_lora(x, A, B, rows, experts, weights, scale, cache, Tensor(), false);
+}
+
+// base + grouped_lora(x, ...) in base's shape (..., Out), N rows: the product added onto a copy of
+// base, with no zero-filled buffer and no separate add. Given base as an rvalue, onto base's own
+// memory when nothing else holds it (an adapter's base output: no copy at all).
+inline Tensor grouped_lora_add(const Tensor& base, const Tensor& x, const std::vector<Tensor>& A,
+                               const std::vector<Tensor>& B, const std::vector<int32_t>& rows,
+                               const std::vector<int32_t>& experts, const Tensor& weights, double scale,
+                               GroupingCache* cache = nullptr) {
+  MOA_CHECK(base.defined(), ValueError, "grouped_lora_add: expected a defined base");
+  return detail::grouped_lora(x, A, B, rows, experts, weights, scale, cache, base, false);
+}
+inline Tensor grouped_lora_add(Tensor&& base, const Tensor& x, const std::vector<Tensor>& A,
+                               const std::vector<Tensor>& B, const std::vector<int32_t>& rows,
+                               const std::vector<int32_t>& experts, const Tensor& weights, double scale,
+                               GroupingCache* cache = nullptr) {
+  MOA_CHECK(base.defined(), ValueError, "grouped_lora_add: expected a defined base");
+  return detail::grouped_lora(x, A, B, rows, experts, weights, scale, cache, base, true);
 }
 
 }  // namespace moa
