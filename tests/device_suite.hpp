@@ -242,6 +242,26 @@ inline void params_close(const nn::Module& d, const nn::Module& c, double tol) {
   }
 }
 
+// A warm training step loop asks the device for no new memory (the caching allocator's blocks are
+// reused): five steps after three warm-up steps leave device_malloc_count unchanged.
+inline void warm_steps_no_malloc(Device dev) {
+  nn::TransformerLM m(tiny(true), 1);
+  m.to(dev);
+  optim::AdamW opt(m.trainable_parameters());
+  const Tensor x = ids({2, 9}, 23, 1), y = ids({2, 9}, 23, 2);
+  auto step = [&] {
+    Tensor l = m.loss(x, y);
+    opt.zero_grad();
+    l.backward();
+    opt.step();
+    return l.item<double>();
+  };
+  for (int i = 0; i < 3; ++i) (void)step();
+  const auto before = backend(dev).device_malloc_count(dev.index);
+  for (int i = 0; i < 5; ++i) (void)step();
+  CHECK(backend(dev).device_malloc_count(dev.index) == before);
+}
+
 // Three AdamW steps with clipping, full weights, on the cpu and on the device from the same init.
 inline void train_steps(Device dev, bool llama, double tol) {
   CAPTURE(llama);

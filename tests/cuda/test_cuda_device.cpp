@@ -34,21 +34,7 @@ TEST_CASE("cuda device: train_lm checkpointed on the GPU and resumed") {
   device_suite::trainer(Device::cuda(), std::filesystem::temp_directory_path() / "moa_cuda_device_trainer", 50.0);
 }
 TEST_CASE("cuda device: a warm training step loop does no device malloc") {
-  nn::TransformerLM m(device_suite::tiny(true), 1);
-  m.to(Device::cuda());
-  optim::AdamW opt(m.trainable_parameters());
-  const Tensor x = device_suite::ids({2, 9}, 23, 1), y = device_suite::ids({2, 9}, 23, 2);
-  auto step = [&] {
-    Tensor l = m.loss(x, y);
-    opt.zero_grad();
-    l.backward();
-    opt.step();
-    return l.item<double>();
-  };
-  for (int i = 0; i < 3; ++i) (void)step();
-  const auto before = backend(Device::cuda()).device_malloc_count(0);
-  for (int i = 0; i < 5; ++i) (void)step();
-  CHECK(backend(Device::cuda()).device_malloc_count(0) == before);
+  device_suite::warm_steps_no_malloc(Device::cuda());
 }
 
 int main(int argc, char** argv) {

@@ -61,21 +61,7 @@ TEST_CASE("emulated cuda device: the work runs as kernels and emulated cuBLAS ca
 }
 
 TEST_CASE("emulated cuda device: a warm training step loop does no device malloc") {
-  nn::TransformerLM m(device_suite::tiny(true), 1);
-  m.to(Device::cuda());
-  optim::AdamW opt(m.trainable_parameters());
-  const Tensor x = device_suite::ids({2, 9}, 23, 1), y = device_suite::ids({2, 9}, 23, 2);
-  auto step = [&] {
-    Tensor l = m.loss(x, y);
-    opt.zero_grad();
-    l.backward();
-    opt.step();
-    return l.item<double>();
-  };
-  for (int i = 0; i < 3; ++i) (void)step();
-  const auto before = backend(Device::cuda()).device_malloc_count(0);
-  for (int i = 0; i < 5; ++i) (void)step();
-  CHECK(backend(Device::cuda()).device_malloc_count(0) == before);
+  device_suite::warm_steps_no_malloc(Device::cuda());
 }
 
 // MatmulPrecision::bf16 is what the GPU benchmark trains with: cuBLAS products with bf16 inputs
