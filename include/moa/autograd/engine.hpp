@@ -39,13 +39,9 @@ inline void add_to(Tensor& out, const Tensor& a, const Tensor& g) {
 // acc += g elementwise (both contiguous, same shape and dtype), in place.
 inline void add_into(Tensor& acc, const Tensor& g) { add_to(acc, acc, g); }
 
-// Whether the engine may keep g as a gradient and add into it in place: g is contiguous and alone
-// holds its memory (no other handle, view, saved value or pending gradient shares the storage).
-// Where this is false the engine copies first, as before; where true it saves a copy (a full read
-// and write of the gradient: on a transformer's residual stream and every leaf, once a step).
-inline bool sole_owner(const Tensor& g) {
-  return g.is_contiguous() && g.impl_ptr().use_count() == 1 && g.storage().use_count() == 1;
-}
+// Whether the engine may keep g as a gradient and add into it in place (else it copies first): a
+// copy saved on a transformer's residual stream and every leaf, once a step.
+inline bool sole_owner(const Tensor& g) { return ::moa::detail::holds_memory_alone(g); }
 
 // A gradient as an owned contiguous tensor of `shape` (copies when it might alias another).
 inline Tensor owned_copy(const Tensor& g) {

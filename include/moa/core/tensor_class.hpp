@@ -293,6 +293,24 @@ inline bool on_device(const Tensor& t) { return t.device().type != DeviceType::c
 
 namespace detail {
 
+// Whether t is contiguous and alone holds its memory: no other handle, view or saved value shares
+// the tensor or its storage. Such a tensor may be written in place by whoever holds it last (the
+// autograd engine adding into a gradient, an op adding onto an input handed over as an rvalue).
+inline bool holds_memory_alone(const Tensor& t) {
+  return t.is_contiguous() && t.impl_ptr().use_count() == 1 && t.storage().use_count() == 1;
+}
+
+// A detached tensor with base's values to be written in place: base's own memory when it was
+// handed over (handed_over) and holds it alone, else a copy. No autograd.
+inline Tensor take_or_clone(const Tensor& base, bool handed_over) {
+  if (handed_over && holds_memory_alone(base)) {
+    Tensor t = base.detach();
+    ++t.storage()->version;
+    return t;
+  }
+  return base.detach().clone();
+}
+
 // The device tensor as a contiguous host tensor of the same dtype (no autograd).
 inline Tensor device_to_host(const Tensor& x);
 

@@ -46,12 +46,7 @@ inline Tensor lora_add(const Tensor& base, bool reuse_base, const Tensor& x, con
     Ac = A.contiguous();
     Bc = B.contiguous();
     u = ::moa::detail::matmul_forward(xc, Ac.t());  // (N, R)
-    // (..., Out), accumulated onto below: base's own memory when base was handed over and nothing
-    // else (a view, a value saved for a backward) shares it, else a copy
-    const bool sole = reuse_base && base.is_contiguous() && base.impl_ptr().use_count() == 1 &&
-                      base.storage().use_count() == 1;
-    out = sole ? base.detach() : base.clone();
-    if (sole) ++out.storage()->version;
+    out = ::moa::detail::take_or_clone(base, reuse_base);  // (..., Out), accumulated onto below
   }
   const int64_t N = xc.size(0);
   const Device dev = x.device();

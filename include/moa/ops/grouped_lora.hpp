@@ -126,17 +126,12 @@ class GroupingCache {
 
 namespace detail {
 
-// The output the product is added onto: zeros (N, Out), or base's values in base's shape: base's own
-// memory when it was handed over (reuse) and nothing else holds it, else a copy.
+// The output the product is added onto: zeros (N, Out), or base's values in base's shape (its own
+// memory when handed over and held alone, else a copy).
 inline Tensor grouped_out(const Tensor& base, bool reuse, int64_t N, int64_t Out, DType dt, Device dev) {
   if (!base.defined()) return Tensor::zeros({N, Out}, dt, dev);
   NoGradGuard no_grad;
-  if (reuse && base.is_contiguous() && base.impl_ptr().use_count() == 1 && base.storage().use_count() == 1) {
-    Tensor o = base.detach();
-    ++o.storage()->version;
-    return o;
-  }
-  return base.detach().clone();
+  return take_or_clone(base, reuse);
 }
 
 // The device path: one segmented product for all experts (DeviceBackend::grouped_lora_*), with the
