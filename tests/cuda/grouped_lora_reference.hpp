@@ -8,21 +8,22 @@
 
 namespace moa_test {
 
-// Assignments grouped by expert: one per row (MoA; every 5th row gets none) or two per row (top-2,
-// MoE-LoRA); expert 1 gets no rows when E > 2. randi(lo, hi) draws an integer in [lo, hi].
+// Assignments grouped by expert: one per row (MoA; every 5th row gets none, unless every_row: then
+// the rows are a permutation, M == N) or two per row (top-2, MoE-LoRA); expert 1 gets no rows when
+// E > 2. randi(lo, hi) draws an integer in [lo, hi].
 struct GroupedAssignments {
   std::vector<int32_t> rows, seg{0};
   std::vector<int64_t> expert;
 };
 
 template <class RandI>
-GroupedAssignments grouped_assignments(int64_t N, int64_t E, bool unique, RandI&& randi) {
+GroupedAssignments grouped_assignments(int64_t N, int64_t E, bool unique, RandI&& randi, bool every_row = false) {
   std::vector<std::vector<int32_t>> by_expert(static_cast<std::size_t>(E));
   for (int64_t n = 0; n < N; ++n)
     for (int k = 0; k < (unique ? 1 : 2); ++k) {
       int64_t e = randi(0, E - 1);
       if (E > 2 && e == 1) e = 0;
-      if (unique && n % 5 == 4) continue;
+      if (unique && !every_row && n % 5 == 4) continue;
       by_expert[static_cast<std::size_t>(e)].push_back(static_cast<int32_t>(n));
     }
   GroupedAssignments a;

@@ -41,6 +41,7 @@
 #include "moa/kernels/reference/gemm.hpp"
 #include "moa/kernels/reference/norm.hpp"
 #include "moa/kernels/reference/softmax.hpp"
+#include "strided_heads.hpp"
 
 namespace ref = moa::kernels::reference;
 using moa::BinaryOp;
@@ -826,6 +827,59 @@ TEST_CASE("attention through the backend: causal, GQA, Tq < Tk (a KV cache), odd
                   moa::ShapeError);  // Hq not a multiple of Hkv
 }
 
+// Operands in the heads layout of a projection output (tests/cuda/strided_heads.hpp), as
+// causal_attention passes them: the same values as the contiguous call, bit for bit, on both the
+// tensor-core and the exact kernels, with any subset of gradients (an unwanted dk or dv gets the
+// backend's contiguous scratch whatever layout it was given); nothing written between rows.
+TEST_CASE("attention through the backend: strided operands give the contiguous results bit for bit") {
+  using moa_test::StridedHeads;
+  moa::DeviceBackend& b = be();
+  const moa::MatmulPrecision before = moa::matmul_precision();
+  const std::vector<moa::AttentionDims> shapes{{2, 4, 2, 40, 40, 32}, {1, 2, 1, 20, 33, 7}, {2, 3, 3, 3, 9, 16}};
+  for (const moa::MatmulPrecision prec : {moa::MatmulPrecision::highest, moa::MatmulPrecision::bf16})
+    for (const moa::AttentionDims& s : shapes)
+      for (int wanted = 0; wanted < 3; ++wanted) {  // 0: all; 1: dq only; 2: dk only
+        moa::set_matmul_precision(prec);
+        INFO("B ", s.B, " Hq ", s.Hq, " Hkv ", s.Hkv, " Tq ", s.Tq, " Tk ", s.Tk, " D ", s.D, " wanted ", wanted,
+             " bf16 ", prec == moa::MatmulPrecision::bf16);
+        const int64_t nq = s.B * s.Hq * s.Tq * s.D, nk = s.B * s.Hkv * s.Tk * s.D, nl = s.B * s.Hq * s.Tq;
+        const float scale = 0.25f;
+        const std::vector<float> q = rnd(nq), k = rnd(nk), v = rnd(nk), g = rnd(nq);
+        const bool wq = wanted != 2, wk = wanted != 1, wv = wanted == 0;
+        // Contiguous.
+        Dev<float> dqv(q), dkv(k), dvv(v), dg(g), dout(nq), dlse(nl), ddq(nq), ddk(nk), ddv(nk);
+        b.attention_forward(dout.get(), dlse.get(), dqv.get(), dkv.get(), dvv.get(), s, scale);
+        b.attention_backward(wq ? ddq.get() : nullptr, wk ? ddk.get() : nullptr, wv ? ddv.get() : nullptr, dg.get(),
+                             dqv.get(), dkv.get(), dvv.get(), dout.get(), dlse.get(), s, scale);
+        // Strided.
+        StridedHeads sq(q, s.B, s.Hq, s.Tq, s.D, 4), sk(k, s.B, s.Hkv, s.Tk, s.D, 1), sv(v, s.B, s.Hkv, s.Tk, s.D, 0),
+            sg(g, s.B, s.Hq, s.Tq, s.D, 2), so(s.B, s.Hq, s.Tq, s.D, 3), sdq(s.B, s.Hq, s.Tq, s.D, 0),
+            sdk(s.B, s.Hkv, s.Tk, s.D, 4), sdv(s.B, s.Hkv, s.Tk, s.D, 1);
+        moa::AttentionDims st = s;
+        st.layout = {sq.layout, sk.layout, sv.layout, so.layout, sg.layout, sdq.layout, sdk.layout, sdv.layout};
+        Dev<float> xq(sq.buf), xk(sk.buf), xv(sv.buf), xg(sg.buf), xo(so.buf), xlse(nl), xdq(sdq.buf), xdk(sdk.buf),
+            xdv(sdv.buf);
+        b.attention_forward(xo.get(), xlse.get(), xq.get(), xk.get(), xv.get(), st, scale);
+        b.attention_backward(wq ? xdq.get() : nullptr, wk ? xdk.get() : nullptr, wv ? xdv.get() : nullptr, xg.get(),
+                             xq.get(), xk.get(), xv.get(), xo.get(), xlse.get(), st, scale);
+        so.buf = xo.host();
+        CHECK(same_bits(so.gather(), dout.host()));
+        CHECK(same_bits(xlse.host(), dlse.host()));
+        CHECK(so.gaps_untouched());
+        const std::pair<StridedHeads*, std::pair<Dev<float>*, Dev<float>*>> grads[] = {
+            {&sdq, {&xdq, &ddq}}, {&sdk, {&xdk, &ddk}}, {&sdv, {&xdv, &ddv}}};
+        const bool want[] = {wq, wk, wv};
+        for (int i = 0; i < 3; ++i) {
+          StridedHeads& sh = *grads[i].first;
+          sh.buf = grads[i].second.first->host();
+          if (want[i]) CHECK(same_bits(sh.gather(), grads[i].second.second->host()));
+          CHECK(sh.gaps_untouched());
+          if (!want[i]) CHECK(std::all_of(sh.buf.begin(), sh.buf.end(), [](float x) { return std::isnan(x); }));
+        }
+      }
+  moa::set_matmul_precision(before);
+}
+
 namespace {
 
 // moa::detail::rope_tables + rope_apply (moa/ops/rope.hpp) for float, unfused.
@@ -916,6 +970,66 @@ TEST_CASE("adamw_step: bit-identical to moa::optim::AdamW::step's float arithmet
                   moa::ValueError);
 }
 
+TEST_CASE("adamw_step_all, scale_all, sum_squares_all: many buffers in few launches, each as alone") {
+  moa::DeviceBackend& b = be();
+  // 97 tensors (3 launches of at most 40 for AdamW) of mixed sizes, empty ones included.
+  const int64_t sizes[] = {0, 1, 7, 33, 257, 1000, 12288, 65537};
+  std::vector<int64_t> n;
+  for (int i = 0; i < 97; ++i) n.push_back(sizes[(i * 5 + i / 8) % 8]);
+  std::vector<std::vector<float>> w, m, v, g;
+  std::vector<Dev<float>> dw, dm, dv, dg, rw, rm, rv;
+  for (int64_t k : n) {
+    w.push_back(rnd(k));
+    m.push_back(rnd(k, 0.f, 0.1f));
+    v.push_back(rnd(k, 0.f, 0.1f));
+    g.push_back(rnd(k));
+    dw.emplace_back(w.back());
+    dm.emplace_back(m.back());
+    dv.emplace_back(v.back());
+    dg.emplace_back(g.back());
+    rw.emplace_back(w.back());  // the reference: one adamw_step per tensor (itself bit-checked above)
+    rm.emplace_back(m.back());
+    rv.emplace_back(v.back());
+  }
+  std::vector<moa::AdamWBuffers> list;
+  for (std::size_t i = 0; i < n.size(); ++i) {
+    list.push_back({dw[i].get(), dm[i].get(), dv[i].get(), dg[i].get(), n[i]});
+    b.adamw_step(rw[i].get(), rm[i].get(), rv[i].get(), dg[i].get(), n[i], 3e-4, 0.9, 0.95, 1e-8, 0.1, 5);
+  }
+  b.adamw_step_all(list, 3e-4, 0.9, 0.95, 1e-8, 0.1, 5);
+  for (std::size_t i = 0; i < n.size(); ++i) {
+    INFO("tensor ", i, " n ", n[i]);
+    CHECK(same_bits(dw[i].host(), rw[i].host()));
+    CHECK(same_bits(dm[i].host(), rm[i].host()));
+    CHECK(same_bits(dv[i].host(), rv[i].host()));
+  }
+  CHECK_THROWS_AS(b.adamw_step_all(list, 3e-4, 0.9, 0.95, 1e-8, 0.1, 0), moa::ValueError);
+  b.adamw_step_all({}, 3e-4, 0.9, 0.95, 1e-8, 0.1, 1);
+
+  // 300 buffers: 3 launches of at most 128 for the squares and the scaling.
+  std::vector<std::pair<const float*, int64_t>> cbuf;
+  std::vector<std::pair<float*, int64_t>> buf;
+  double want = 0.0;
+  std::vector<std::vector<float>> scaled;
+  const double coef = 0.3183098861837907;
+  const float c = static_cast<float>(coef);
+  for (int i = 0; i < 300; ++i) {
+    const std::size_t t = static_cast<std::size_t>(i % 97);
+    cbuf.emplace_back(dg[t].get(), n[t]);
+    for (float x : g[t]) want += static_cast<double>(x) * x;
+  }
+  const double got = b.sum_squares_all(cbuf);
+  CHECK(std::abs(got - want) <= 1e-12 * want);
+  for (std::size_t t = 0; t < n.size(); ++t) {
+    buf.emplace_back(dg[t].get(), n[t]);
+    scaled.push_back(g[t]);
+    for (float& x : scaled.back()) x = fmul(x, c);  // the cpu's clip: x *= float(coef)
+  }
+  b.scale_all(buf, coef);
+  for (std::size_t t = 0; t < n.size(); ++t) CHECK(same_bits(dg[t].host(), scaled[t]));
+  b.scale_all({}, coef);
+}
+
 // ---- grouped LoRA --------------------------------------------------------------------------------------------------
 namespace {
 
@@ -923,16 +1037,21 @@ struct LoraCase {
   int64_t N, In, Out, R, E;
   bool weighted, unique;
   int grads;  // 0: dA and dB for every expert, dw; 1: dA only (dB empty), no dw; 2: dB with a null entry, no dx
+  bool write = false;      // GroupedLoRADims::write_grads: dx, dA, dB start as NaN and are written
+  bool every_row = false;  // one assignment per row (M == N)
 };
 
 void check_grouped_lora(const LoraCase& c) {
   moa::DeviceBackend& be_ = be();
-  const moa_test::GroupedAssignments asg = moa_test::grouped_assignments(c.N, c.E, c.unique, rndi);
+  const moa_test::GroupedAssignments asg = moa_test::grouped_assignments(c.N, c.E, c.unique, rndi, c.every_row);
   const std::vector<int32_t>& rows = asg.rows;
   const std::vector<int32_t>& seg = asg.seg;
   const int64_t M = static_cast<int64_t>(rows.size());
   const float scale = 0.625f;
   std::vector<float> x = rnd(c.N * c.In), y0 = rnd(c.N * c.Out), g = rnd(c.N * c.Out), dx0 = rnd(c.N * c.In);
+  // Written gradients: the reference adds onto zeros, the device buffers start as NaN.
+  auto start = [&](const std::vector<float>& v) { return c.write ? std::vector<float>(v.size(), NAN) : v; };
+  auto ref_start = [&](const std::vector<float>& v) { return c.write ? std::vector<float>(v.size(), 0.f) : v; };
   std::vector<float> w = c.weighted ? rnd(M, 0.1f, 1.f) : std::vector<float>();
   std::vector<std::vector<float>> A(c.E), B(c.E), dA0(c.E), dB0(c.E);
   for (int64_t e = 0; e < c.E; ++e) {
@@ -944,8 +1063,17 @@ void check_grouped_lora(const LoraCase& c) {
   const bool want_dA = c.grads != 2, want_dB = c.grads != 1, want_dw = c.grads == 0, want_dx = c.grads != 2;
   const int64_t null_dB = c.grads == 2 ? c.E - 1 : -1;  // this expert's dB is not wanted
   // The definition, assignment by assignment, in double.
-  const moa_test::GroupedReference ref = moa_test::grouped_lora_reference(
-      c.N, c.In, c.Out, c.R, c.E, asg, x, A, B, y0, g, dx0, dA0, dB0, c.weighted ? &w : nullptr, scale);
+  std::vector<std::vector<float>> dA0_ref, dB0_ref;
+  for (int64_t e = 0; e < c.E; ++e) {
+    dA0_ref.push_back(ref_start(dA0[e]));
+    dB0_ref.push_back(ref_start(dB0[e]));
+    dA0[e] = start(dA0[e]);
+    dB0[e] = start(dB0[e]);
+  }
+  const moa_test::GroupedReference ref =
+      moa_test::grouped_lora_reference(c.N, c.In, c.Out, c.R, c.E, asg, x, A, B, y0, g, ref_start(dx0), dA0_ref,
+                                       dB0_ref, c.weighted ? &w : nullptr, scale);
+  dx0 = start(dx0);
   const auto& [y, h, dx, dw, dA, dB] = ref;
   // The device, through the backend.
   std::vector<Dev<float>> dAe, dBe, ddA, ddB;
@@ -965,13 +1093,13 @@ void check_grouped_lora(const LoraCase& c) {
   }
   Dev<float> dxv(x), dy(y0), dg(g), ddx(dx0), dwts(w), dh(M * c.R), ddh(M * c.R), ddw(M);
   Dev<int32_t> drows(rows), dseg(seg);
-  const moa::GroupedLoRADims d{.N = c.N, .M = M, .E = c.E, .In = c.In, .Out = c.Out, .R = c.R};
+  const moa::GroupedLoRADims d{.N = c.N, .M = M, .E = c.E, .In = c.In, .Out = c.Out, .R = c.R, .write_grads = c.write};
   const float* wptr = c.weighted ? dwts.get() : nullptr;
   be_.grouped_lora_forward(dy.get(), dh.get(), dxv.get(), pA, pB, drows.get(), dseg.get(), wptr, scale, d, c.unique);
   be_.grouped_lora_backward(want_dx ? ddx.get() : nullptr, pdA, pdB, want_dw ? ddw.get() : nullptr, ddh.get(),
                             dg.get(), dxv.get(), dh.get(), pA, pB, drows.get(), dseg.get(), wptr, scale, d, c.unique);
   INFO("N ", c.N, " In ", c.In, " Out ", c.Out, " R ", c.R, " E ", c.E, " M ", M, " weighted ", c.weighted, " unique ",
-       c.unique, " grads ", c.grads);
+       c.unique, " grads ", c.grads, " write ", c.write, " every_row ", c.every_row);
   CHECK_REL(dy.host(c.N * c.Out), y, 1e-5);
   CHECK_REL(dh.host(M * c.R), h, 1e-5);
   if (want_dx)
@@ -1002,6 +1130,14 @@ TEST_CASE("grouped_lora through the backend: per-assignment definition, unique a
   // The same case twice: the cached pointer arrays are reused (and new buffers upload new ones).
   check_grouped_lora(cases[2]);
   check_grouped_lora(cases[2]);
+  // Written gradients (write_grads) over NaN: dx stored (rows a permutation) or zeroed and added;
+  // dA / dB stored (one slice per expert, expert 1 of 3 empty: zeros) or zeroed and added by slices.
+  const std::vector<LoraCase> written{{37, 33, 7, 7, 3, false, true, 0, true, true},
+                                      {37, 33, 7, 7, 3, true, true, 1, true, false},
+                                      {520, 24, 20, 16, 3, true, true, 0, true, true},
+                                      {300, 20, 36, 4, 2, false, false, 2, true, false},
+                                      {513, 768, 768, 16, 4, false, true, 0, true, true}};
+  for (const LoraCase& c : written) check_grouped_lora(c);
   moa::DeviceBackend& b = be();
   const moa::GroupedLoRADims d{.N = 2, .M = 2, .E = 2, .In = 4, .Out = 4, .R = 2};
   CHECK_THROWS_AS(b.grouped_lora_forward(nullptr, nullptr, nullptr, {nullptr}, {nullptr, nullptr}, nullptr, nullptr,
@@ -1012,6 +1148,15 @@ TEST_CASE("grouped_lora through the backend: per-assignment definition, unique a
                          1.f, empty, true);
   b.grouped_lora_backward(nullptr, {}, {}, nullptr, nullptr, nullptr, nullptr, nullptr, {nullptr, nullptr},
                           {nullptr, nullptr}, nullptr, nullptr, nullptr, 1.f, empty, true);
+  // No assignments but written gradients: dx, dA and dB become zeros.
+  Dev<float> zx(std::vector<float>(8, NAN)), za0(std::vector<float>(8, NAN)), za1(std::vector<float>(8, NAN)),
+      zb1(std::vector<float>(8, NAN));
+  moa::GroupedLoRADims empty_written = empty;
+  empty_written.write_grads = true;
+  b.grouped_lora_backward(zx.get(), {za0.get(), za1.get()}, {nullptr, zb1.get()}, nullptr, nullptr, nullptr, nullptr,
+                          nullptr, {nullptr, nullptr}, {nullptr, nullptr}, nullptr, nullptr, nullptr, 1.f,
+                          empty_written, true);
+  for (const Dev<float>* z : {&zx, &za0, &za1, &zb1}) CHECK(same_bits(z->host(), std::vector<float>(8, 0.f)));
 }
 
 // ---- a warm step does no device malloc ----------------------------------------------------------------------

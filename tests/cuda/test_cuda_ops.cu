@@ -548,7 +548,7 @@ TEST_CASE("flash attention (tensor cores, bf16 products): forward and backward a
     auto dqv = up(c.q), dkv = up(c.k), dvv = up(c.v), dg = up(c.g);
     kc::DeviceBuffer<float> dout(nq), dlse(nl), ddq(nq), ddk(nk), ddv(nk), delta(nl);
     kc::flash_attention_forward(dout.data(), dlse.data(), dqv.data(), dkv.data(), dvv.data(), s, scale);
-    kc::row_dot(delta.data(), dg.data(), dout.data(), nl, s.D, nullptr);
+    kc::attention_delta(delta.data(), dg.data(), dout.data(), s);
     kc::flash_attention_backward(ddq.data(), ddk.data(), ddv.data(), delta.data(), dg.data(), dqv.data(), dkv.data(),
                                  dvv.data(), dlse.data(), s, scale);
     CHECK_CLOSE(down(dout, nq), out, 2e-2);

@@ -11,6 +11,7 @@
 // same suite in tests/cuda on a GPU.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -233,13 +234,13 @@ class MockDevice final : public DeviceBackend {
   void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                          const AttentionDims& d, float scale) override {
     kernels::cpu::attention_forward<float>(host(out), host(lse), host(q), host(k), host(v), d.B, d.Hq, d.Hkv, d.Tq,
-                                           d.Tk, d.D, scale);
+                                           d.Tk, d.D, scale, d.layout);
   }
   void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q, const float* k,
                           const float* v, const float* out, const float* lse, const AttentionDims& d,
                           float scale) override {
     kernels::cpu::attention_backward<float>(host(dq), host(dk), host(dv), host(dout), host(q), host(k), host(v),
-                                            host(out), host(lse), d.B, d.Hq, d.Hkv, d.Tq, d.Tk, d.D, scale);
+                                            host(out), host(lse), d.B, d.Hq, d.Hkv, d.Tq, d.Tk, d.D, scale, d.layout);
   }
   void rope(float* y, const float* x, int64_t BH, int64_t T, int64_t D, int64_t start, double theta,
             int sign) override {
@@ -292,6 +293,13 @@ class MockDevice final : public DeviceBackend {
                              const std::vector<const float*>& A, const std::vector<const float*>& B,
                              const int32_t* rows, const int32_t* seg, const float* w, float scale,
                              const GroupedLoRADims& d, bool) override {
+    if (d.write_grads) {  // written, not accumulated: as if zeroed first
+      if (dx) std::fill(host(dx), host(dx) + d.N * d.In, 0.f);
+      for (float* p : dA)
+        if (p) std::fill(host(p), host(p) + d.R * d.In, 0.f);
+      for (float* p : dB)
+        if (p) std::fill(host(p), host(p) + d.Out * d.R, 0.f);
+    }
     for (int64_t e = 0; e < d.E; ++e)
       for (int64_t j = host(seg)[e]; j < host(seg)[e + 1]; ++j) {
         const int64_t row = host(rows)[j];

@@ -161,3 +161,29 @@ TEST_CASE("autograd: a gradient the engine alone holds is kept, not copied; a sh
   (sum(h * h) + sum(h)).backward();
   CHECK(w.grad().to_vector<double>() == std::vector<double>{3 * (2 * 3 + 1), 3 * (2 * -6 + 1)});
 }
+
+TEST_CASE("autograd: a node recorded with strided_grad gets its gradient as it is, others a contiguous one") {
+  // identity(t) whose backward notes the layout of the gradient it receives; its output is read
+  // transposed, so the incoming gradient is a transposed (non-contiguous) view.
+  auto identity = [](const Tensor& t, bool strided, bool* got_contiguous) {
+    Tensor out = t.detach().clone();
+    autograd::record(
+        "identity", out, {t},
+        [got_contiguous](const Tensor& g, const std::vector<char>&) {
+          *got_contiguous = g.is_contiguous();
+          return std::vector<Tensor>{g};
+        },
+        strided);
+    return out;
+  };
+  const Tensor w = Tensor::from_vector(std::vector<double>{1, 2, 3, 4, 5, 6}, {3, 2});
+  for (const bool strided : {true, false}) {
+    Tensor x = Tensor::from_vector(std::vector<double>{1, 2, 3, 4, 5, 6}, {2, 3}).set_requires_grad();
+    bool got_contiguous = false;
+    sum(identity(x, strided, &got_contiguous).transpose(0, 1) * w).backward();
+    CHECK(got_contiguous == !strided);
+    // d/dx sum(x^T * w) = w^T, whatever layout the gradient travelled in; the leaf's is contiguous.
+    CHECK(x.grad().is_contiguous());
+    CHECK(x.grad().to_vector<double>() == std::vector<double>{1, 3, 5, 2, 4, 6});
+  }
+}

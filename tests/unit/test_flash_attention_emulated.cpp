@@ -19,7 +19,8 @@
 
 #include "cuda_emulator.hpp"
 #define MOA_CUDA_EMULATE
-#include "moa/kernels/cuda/flash_attention.cuh"
+#include "../cuda/strided_heads.hpp"
+#include "moa/kernels/cuda/attention.cuh"
 #include "moa/kernels/reference/attention.hpp"
 
 namespace {
@@ -97,6 +98,72 @@ TEST_CASE("flash attention kernels (emulated on the CPU): forward and backward a
     CHECK(rel_error(dq, dq_ref) < 2e-2);
     CHECK(rel_error(dk, dk_ref) < 2e-2);
     CHECK(rel_error(dv, dv_ref) < 2e-2);
+  }
+}
+
+TEST_CASE("attention kernels (emulated on the CPU): strided operands give the contiguous results bit for bit") {
+  // Every operand in the (B, T, H * D + gap) layout of a projection output (tests/cuda/strided_heads.hpp),
+  // through the tensor-core kernels and the f32 row kernels: the same values as the contiguous run,
+  // and nothing written between rows. gap 4 keeps float4 loads, gap 1 forces scalar ones.
+  std::mt19937 g(11);
+  struct Case {
+    AttentionShape s;
+    int64_t gap;
+  };
+  const Case cases[] = {{{2, 4, 2, 40, 40, 16}, 4}, {{1, 2, 1, 17, 30, 32}, 1}, {{1, 3, 3, 16, 16, 8}, 0}};
+  for (const Case& c : cases) {
+    for (const bool flash : {true, false}) {
+      const AttentionShape& s = c.s;
+      CAPTURE(s.Hq);
+      CAPTURE(s.Tq);
+      CAPTURE(s.D);
+      CAPTURE(c.gap);
+      CAPTURE(flash);
+      using moa_test::StridedHeads;
+      const std::size_t nq = static_cast<std::size_t>(s.B * s.Hq * s.Tq * s.D),
+                        nk = static_cast<std::size_t>(s.B * s.Hkv * s.Tk * s.D),
+                        nr = static_cast<std::size_t>(s.B * s.Hq * s.Tq);
+      const float scale = 0.3f;
+      const std::vector<float> q = randn(nq, g), k = randn(nk, g), v = randn(nk, g), dout = randn(nq, g);
+      // Contiguous.
+      std::vector<float> out(nq), lse(nr), delta(nr), dq(nq), dk(nk), dv(nk);
+      auto forward = [&](float* o, float* l, const float* qp, const float* kp, const float* vp,
+                         const AttentionShape& sh) {
+        if (flash)
+          kc::flash_attention_forward(o, l, qp, kp, vp, sh, scale);
+        else
+          kc::attention_forward(o, l, qp, kp, vp, sh, scale);
+      };
+      auto backward = [&](float* gq, float* gk, float* gv, float* dl, const float* gp, const float* qp, const float* kp,
+                          const float* vp, const float* o, const float* l, const AttentionShape& sh) {
+        if (flash) {
+          kc::attention_delta(dl, gp, o, sh);
+          kc::flash_attention_backward(gq, gk, gv, dl, gp, qp, kp, vp, l, sh, scale);
+        } else {
+          kc::attention_backward(gq, gk, gv, dl, gp, qp, kp, vp, o, l, sh, scale);
+        }
+      };
+      forward(out.data(), lse.data(), q.data(), k.data(), v.data(), s);
+      backward(dq.data(), dk.data(), dv.data(), delta.data(), dout.data(), q.data(), k.data(), v.data(), out.data(),
+               lse.data(), s);
+      // Strided.
+      StridedHeads sq(q, s.B, s.Hq, s.Tq, s.D, c.gap), sk(k, s.B, s.Hkv, s.Tk, s.D, c.gap),
+          sv(v, s.B, s.Hkv, s.Tk, s.D, c.gap + 1), sg(dout, s.B, s.Hq, s.Tq, s.D, c.gap),
+          so(s.B, s.Hq, s.Tq, s.D, c.gap), sdq(s.B, s.Hq, s.Tq, s.D, c.gap + 2), sdk(s.B, s.Hkv, s.Tk, s.D, c.gap),
+          sdv(s.B, s.Hkv, s.Tk, s.D, c.gap + 3);
+      AttentionShape st = s;
+      st.layout = {sq.layout, sk.layout, sv.layout, so.layout, sg.layout, sdq.layout, sdk.layout, sdv.layout};
+      std::vector<float> lse2(nr), delta2(nr);
+      forward(so.buf.data(), lse2.data(), sq.buf.data(), sk.buf.data(), sv.buf.data(), st);
+      backward(sdq.buf.data(), sdk.buf.data(), sdv.buf.data(), delta2.data(), sg.buf.data(), sq.buf.data(),
+               sk.buf.data(), sv.buf.data(), so.buf.data(), lse2.data(), st);
+      CHECK(moa_test::same_floats(so.gather(), out));
+      CHECK(moa_test::same_floats(lse2, lse));
+      CHECK(moa_test::same_floats(sdq.gather(), dq));
+      CHECK(moa_test::same_floats(sdk.gather(), dk));
+      CHECK(moa_test::same_floats(sdv.gather(), dv));
+      for (const StridedHeads* t : {&so, &sdq, &sdk, &sdv}) CHECK(t->gaps_untouched());
+    }
   }
 }
 

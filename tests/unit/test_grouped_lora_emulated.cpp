@@ -49,6 +49,8 @@ double rel_err(const std::vector<float>& got, const std::vector<double>& want) {
 struct Case {
   int64_t N, In, Out, R, E;
   bool weighted, unique;
+  bool write = false;      // GroupedLoRAShape::write_grads: dx, dA, dB start as NaN and are written
+  bool every_row = false;  // one assignment per row (M == N: dx stored directly when written)
 };
 
 void run(const Case& c) {
@@ -59,7 +61,9 @@ void run(const Case& c) {
   CAPTURE(c.E);
   CAPTURE(c.weighted);
   CAPTURE(c.unique);
-  const moa_test::GroupedAssignments a = moa_test::grouped_assignments(c.N, c.E, c.unique, randi);
+  CAPTURE(c.write);
+  CAPTURE(c.every_row);
+  const moa_test::GroupedAssignments a = moa_test::grouped_assignments(c.N, c.E, c.unique, randi, c.every_row);
   const auto M = static_cast<int64_t>(a.rows.size());
   const float scale = 0.625f;
   std::vector<float> x = randv(c.N * c.In), y = randv(c.N * c.Out), g = randv(c.N * c.Out), dx = randv(c.N * c.In),
@@ -73,8 +77,22 @@ void run(const Case& c) {
     dA[e] = randv(c.R * c.In);
     dB[e] = randv(c.Out * c.R);
   }
+  if (c.write) {  // the reference adds onto zeros; the kernels must overwrite what is there
+    std::fill(dx.begin(), dx.end(), 0.f);
+    for (int64_t e = 0; e < c.E; ++e) {
+      std::fill(dA[e].begin(), dA[e].end(), 0.f);
+      std::fill(dB[e].begin(), dB[e].end(), 0.f);
+    }
+  }
   const moa_test::GroupedReference ref = moa_test::grouped_lora_reference(
       c.N, c.In, c.Out, c.R, c.E, a, x, A, B, y, g, dx, dA, dB, c.weighted ? &w : nullptr, scale);
+  if (c.write) {
+    std::fill(dx.begin(), dx.end(), NAN);
+    for (int64_t e = 0; e < c.E; ++e) {
+      std::fill(dA[e].begin(), dA[e].end(), NAN);
+      std::fill(dB[e].begin(), dB[e].end(), NAN);
+    }
+  }
   for (int64_t e = 0; e < c.E; ++e) {
     pA.push_back(A[e].data());
     pB.push_back(B[e].data());
@@ -83,7 +101,7 @@ void run(const Case& c) {
   }
   std::vector<float> h(static_cast<std::size_t>(std::max<int64_t>(M * c.R, 1)), NAN), dh(h.size(), NAN),
       dw(static_cast<std::size_t>(std::max<int64_t>(M, 1)), NAN);
-  const kc::GroupedLoRAShape s{.N = c.N, .M = M, .E = c.E, .In = c.In, .Out = c.Out, .R = c.R};
+  const kc::GroupedLoRAShape s{.N = c.N, .M = M, .E = c.E, .In = c.In, .Out = c.Out, .R = c.R, .write_grads = c.write};
   const float* wp = c.weighted ? w.data() : nullptr;
   kc::grouped_lora_forward(y.data(), h.data(), x.data(), pA.data(), pB.data(), a.rows.data(), a.seg.data(), wp, scale,
                            s, c.unique);
@@ -111,6 +129,21 @@ TEST_CASE("grouped LoRA kernels (emulated on the CPU): forward and backward agai
       {40, 40, 20, 8, 4, false, false}, // top-2: rows repeat, atomic adds
       {24, 40, 24, 20, 5, true, true},  // rank 20 (32 class): 2 per warp
       {20, 40, 30, 33, 2, true, false}, // rank 33 (64 class): 1 per warp, top-2 with gates
+  };
+  for (const Case& c : cases) run(c);
+}
+
+TEST_CASE("grouped LoRA kernels (emulated on the CPU): backward writing dx, dA and dB over garbage") {
+  // write_grads: the outputs start as NaN. Covered: dx stored directly (every row one assignment)
+  // or zeroed and added (rows without or with two assignments); dA / dB stored (one slice per
+  // expert) or zeroed in one launch and added by several slices (M >= 128 E); an expert without
+  // rows (E > 2) gets zeros either way.
+  const Case cases[] = {
+      {37, 33, 7, 7, 3, false, true, true, true},      // stored dx, stored dA / dB, expert 1 empty
+      {37, 33, 7, 7, 3, true, true, true, false},      // rows without assignments: dx zeroed and added
+      {40, 40, 20, 8, 4, false, false, true, false},   // top-2: atomics onto a zeroed dx
+      {520, 24, 20, 16, 3, true, true, true, true},    // 2 slices per expert: dA / dB zeroed, atomics
+      {300, 20, 36, 4, 2, false, false, true, false},  // top-2 and 4 slices
   };
   for (const Case& c : cases) run(c);
 }

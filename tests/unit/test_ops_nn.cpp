@@ -5,11 +5,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <functional>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
+#include "../cuda/strided_heads.hpp"
 #include "moa/autograd/gradcheck.hpp"
 #include "moa/core/tensor.hpp"
 #include "moa/kernels/cpu/attention.hpp"
@@ -23,9 +24,11 @@
 #include "moa/kernels/reference/norm.hpp"
 #include "moa/kernels/reference/softmax.hpp"
 #include "moa/ops/attention.hpp"
+#include "moa/ops/elementwise.hpp"
 #include "moa/ops/embedding.hpp"
 #include "moa/ops/loss.hpp"
 #include "moa/ops/norm.hpp"
+#include "moa/ops/reduce.hpp"
 #include "moa/ops/softmax.hpp"
 
 using moa::DType;
@@ -549,7 +552,57 @@ TEST_CASE("attention kernels: cpu matches reference (MHA, GQA, Tq < Tk, odd size
     cpu::attention_backward<float>(nullptr, nullptr, dv2.data(), dy.data(), q.data(), k.data(), v.data(), o0.data(),
                                    l0.data(), c.B, c.Hq, c.Hkv, c.Tq, c.Tk, c.D, scale);
     check_close(dv2, dv1, 0.0, 0.0, "attention dv alone");
+    // Every operand strided as a projection output's heads ((B, T, H * D + gap) memory): the same
+    // values bit for bit, and nothing written between the rows.
+    using moa_test::StridedHeads;
+    StridedHeads sq(q, c.B, c.Hq, c.Tq, c.D, 1), sk(k, c.B, c.Hkv, c.Tk, c.D, 2), sv(v, c.B, c.Hkv, c.Tk, c.D, 0),
+        sg(dy, c.B, c.Hq, c.Tq, c.D, 3), so(c.B, c.Hq, c.Tq, c.D, 1), sdq(c.B, c.Hq, c.Tq, c.D, 2),
+        sdk(c.B, c.Hkv, c.Tk, c.D, 0), sdv(c.B, c.Hkv, c.Tk, c.D, 1);
+    const moa::AttentionLayouts lay{sq.layout, sk.layout,  sv.layout,  so.layout,
+                                    sg.layout, sdq.layout, sdk.layout, sdv.layout};
+    std::vector<float> l2(nl);
+    cpu::attention_forward(so.buf.data(), l2.data(), sq.buf.data(), sk.buf.data(), sv.buf.data(), c.B, c.Hq, c.Hkv,
+                           c.Tq, c.Tk, c.D, scale, lay);
+    CHECK(moa_test::same_floats(so.gather(), o1));
+    CHECK(moa_test::same_floats(l2, l1));
+    StridedHeads so0(o0, c.B, c.Hq, c.Tq, c.D, 1);  // the backward reads the reference's out, strided
+    moa::AttentionLayouts lay0 = lay;
+    lay0.out = so0.layout;
+    cpu::attention_backward(sdq.buf.data(), sdk.buf.data(), sdv.buf.data(), sg.buf.data(), sq.buf.data(), sk.buf.data(),
+                            sv.buf.data(), so0.buf.data(), l0.data(), c.B, c.Hq, c.Hkv, c.Tq, c.Tk, c.D, scale, lay0);
+    CHECK(moa_test::same_floats(sdq.gather(), dq1));
+    CHECK(moa_test::same_floats(sdk.gather(), dk1));
+    CHECK(moa_test::same_floats(sdv.gather(), dv1));
+    for (const StridedHeads* t : {&so, &sdq, &sdk, &sdv}) CHECK(t->gaps_untouched());
   }
+}
+
+TEST_CASE("causal_attention reads projection heads in place and writes rows for a free head merge") {
+  // q, k, v as the attention module makes them: (B, T, H * D) outputs viewed as (B, H, T, D).
+  Generator gen(13);
+  const int64_t B = 2, T = 70, Hq = 4, Hkv = 2, D = 8;
+  Tensor xq = Tensor::randn({B, T, Hq * D}, gen).set_requires_grad();
+  Tensor xk = Tensor::randn({B, T, Hkv * D}, gen).set_requires_grad();
+  Tensor xv = Tensor::randn({B, T, Hkv * D}, gen).set_requires_grad();
+  auto heads = [&](const Tensor& x, int64_t H) { return x.view({B, T, H, D}).transpose(1, 2); };
+  Tensor y = moa::causal_attention(heads(xq, Hq), heads(xk, Hkv), heads(xv, Hkv));
+  CHECK(y.shape() == moa::Shape{B, Hq, T, D});
+  Tensor merged = y.transpose(1, 2).reshape({B, T, Hq * D});
+  CHECK(merged.is_contiguous());
+  CHECK(merged.storage() == y.storage());  // no copy to merge the heads
+  // The same values and gradients as from contiguous copies of the heads.
+  Tensor cq = heads(xq, Hq).contiguous().detach().set_requires_grad();
+  Tensor ck = heads(xk, Hkv).contiguous().detach().set_requires_grad();
+  Tensor cv = heads(xv, Hkv).contiguous().detach().set_requires_grad();
+  Tensor yc = moa::causal_attention(cq, ck, cv);
+  CHECK(y.to_vector<float>() == yc.to_vector<float>());
+  Tensor w = Tensor::randn({B, Hq, T, D}, gen);
+  moa::sum(y * w).backward();
+  moa::sum(yc * w).backward();
+  // The gradients arrive in the projections' (B, T, H * D) layout without a copy back.
+  CHECK(xq.grad().to_vector<float>() == cq.grad().transpose(1, 2).contiguous().to_vector<float>());
+  CHECK(xk.grad().to_vector<float>() == ck.grad().transpose(1, 2).contiguous().to_vector<float>());
+  CHECK(xv.grad().to_vector<float>() == cv.grad().transpose(1, 2).contiguous().to_vector<float>());
 }
 
 TEST_CASE("causal_attention: values against an independent formula, by hand, and KV-cache consistency") {

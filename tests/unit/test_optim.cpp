@@ -73,6 +73,17 @@ TEST_CASE("clip_grad_norm matches torch.nn.utils.clip_grad_norm_") {
   CHECK(std::isnan(optim::clip_grad_norm({n}, 1.0, false)));
 }
 
+TEST_CASE("AdamW refuses a parameter listed twice (each gets one update per step)") {
+  Tensor w = Tensor::zeros({3}).set_requires_grad();
+  Tensor other = Tensor::zeros({3}).set_requires_grad();
+  test::check_throws_with<ValueError>(
+      [&] {
+        (void)optim::AdamW({w, other, w});
+      },
+      {"AdamW", "parameters 0 and 2", "share their memory"});
+  CHECK_NOTHROW((void)optim::AdamW({w, other}));
+}
+
 TEST_CASE("warmup + cosine schedule follows its formula") {
   const optim::WarmupCosine s{.base_lr = 1.0, .min_lr = 0.1, .warmup_steps = 4, .total_steps = 14};
   CHECK(s.lr(0) == doctest::Approx(0.25));

@@ -135,7 +135,7 @@ inline void run_backward(const Tensor& root, const Tensor& root_grad, bool retai
     }
     Tensor g = std::move(found->second);
     grads.erase(found);
-    if (!g.is_contiguous()) g = detail::owned_copy(g);
+    if (!g.is_contiguous() && !n->strided_grad) g = detail::owned_copy(g);
     std::vector<Tensor> in_grads = n->fn(g, n->needs);
     g = Tensor();  // an input gradient that is g itself (or a view of it) is then owned by in_grads alone
     MOA_CHECK(in_grads.size() == n->edges.size(), AutogradError, "backward of '", n->name, "': expected ",

@@ -35,6 +35,9 @@ struct Node {
   BackwardFn fn;
   std::uint64_t sequence = 0;   // creation order: later nodes run first in backward
   bool released = false;
+  // fn takes its output gradient in any layout (views: permute, narrow; attention reads strided
+  // heads). Otherwise the engine hands fn a contiguous gradient, copying a strided one first.
+  bool strided_grad = false;
 
   Node() = default;
   Node(const Node&) = delete;
@@ -86,9 +89,12 @@ inline bool needs_graph(const std::vector<Tensor>& inputs) {
 
 // Attaches a node named `name` to `out` with edges to `inputs` (undefined inputs get no edge).
 // Call only when needs_graph(...) is true. `fn` must capture tensors detached (t.detach()).
-inline void record(const char* name, Tensor& out, const std::vector<Tensor>& inputs, BackwardFn fn) {
+// strided_grad: fn accepts a non-contiguous output gradient (see Node::strided_grad).
+inline void record(const char* name, Tensor& out, const std::vector<Tensor>& inputs, BackwardFn fn,
+                   bool strided_grad = false) {
   auto node = std::make_shared<Node>();
   node->name = name;
+  node->strided_grad = strided_grad;
   node->fn = std::move(fn);
   node->sequence = next_sequence();
   node->edges.resize(inputs.size());

@@ -26,6 +26,7 @@
 
 #include "moa/core/dtype.hpp"
 #include "moa/core/error.hpp"
+#include "moa/core/head_layout.hpp"
 #include "moa/core/shape.hpp"
 
 namespace moa {
@@ -43,9 +44,11 @@ enum class UnaryOp : std::uint8_t { scale, shift, neg, exp, log, sqrt, tanh, pow
 //   f32 accumulation (the fastest; relative error about 1e-2 per product).
 enum class MatmulPrecision : std::uint8_t { highest, tf32, bf16 };
 
-// The shapes of a fused causal attention call (see moa/ops/attention.hpp for the semantics).
+// The shapes of a fused causal attention call (see moa/ops/attention.hpp for the semantics) and the
+// memory layout of each (B, H, T, D) operand (moa/core/head_layout.hpp; default: contiguous).
 struct AttentionDims {
   int64_t B = 1, Hq = 1, Hkv = 1, Tq = 1, Tk = 1, D = 1;
+  AttentionLayouts layout = {};
 };
 
 // The shapes of a grouped (segmented) LoRA call; see moa/kernels/cuda/grouped_lora.cuh.
@@ -56,6 +59,19 @@ struct GroupedLoRADims {
   int64_t In = 0;   // x columns
   int64_t Out = 0;  // y columns
   int64_t R = 0;    // rank shared by all experts
+  // Backward: dx, dA_e and dB_e written (zeros where no assignment adds) instead of accumulated,
+  // so the caller need not zero them; see grouped_lora_backward.
+  bool write_grads = false;
+};
+
+// One parameter of a multi-tensor AdamW step: n values of the weights w, moments m and v and the
+// gradient g, all on one device.
+struct AdamWBuffers {
+  float* w = nullptr;
+  float* m = nullptr;
+  float* v = nullptr;
+  const float* g = nullptr;
+  int64_t n = 0;
 };
 
 class DeviceBackend {
@@ -156,6 +172,21 @@ class DeviceBackend {
   // One AdamW update of n values, exactly the arithmetic of moa::optim::AdamW::step (step counts from 1).
   virtual void adamw_step(float* w, float* m, float* v, const float* g, int64_t n, double lr, double beta1,
                           double beta2, double eps, double weight_decay, int64_t step) = 0;
+  // adamw_step for every parameter of the list (one device), in as few launches as the backend can
+  // (CUDA: 40 tensors per launch). The default calls adamw_step once per tensor.
+  virtual void adamw_step_all(const std::vector<AdamWBuffers>& params, double lr, double beta1, double beta2,
+                              double eps, double weight_decay, int64_t step) {
+    for (const AdamWBuffers& p : params)
+      if (p.n > 0) adamw_step(p.w, p.m, p.v, p.g, p.n, lr, beta1, beta2, eps, weight_decay, step);
+  }
+  // x *= float(coef), one float32 rounding (the cpu's clip_grad_norm), for every buffer, in as few
+  // launches as the backend can. The default calls unary(scale) once per buffer (the product of two
+  // floats is exact in double, so rounding it once gives the same float).
+  virtual void scale_all(const std::vector<std::pair<float*, int64_t>>& buffers, double coef) {
+    const double c = static_cast<double>(static_cast<float>(coef));
+    for (const auto& [x, n] : buffers)
+      if (n > 0) unary(UnaryOp::scale, c, x, x, n);
+  }
 
   // ---- the segmented LoRA product (Punica's SGMV) ----------------------------------------------------
   // rows (M, i32, device): the row of each assignment, sorted by expert; seg (E + 1, i32, device):
@@ -167,7 +198,8 @@ class DeviceBackend {
                                     const float* w, float scale, const GroupedLoRADims& d, bool rows_unique) = 0;
   // Backward with g = dL/dy (N, Out): dx (N, In) accumulated, dA_e / dB_e accumulated (host vectors
   // of device pointers; a null entry or an empty vector: not wanted), dw (M, grouped order) written
-  // (null: not wanted); dh (M, R) scratch supplied by the caller.
+  // (null: not wanted); dh (M, R) scratch supplied by the caller. With d.write_grads, dx, dA_e and
+  // dB_e are written instead: every element, also when M == 0 or expert e has no assignment.
   virtual void grouped_lora_backward(float* dx, const std::vector<float*>& dA, const std::vector<float*>& dB,
                                      float* dw, float* dh, const float* g, const float* x, const float* h,
                                      const std::vector<const float*>& A, const std::vector<const float*>& B,

@@ -167,6 +167,13 @@ class ProfilingBackend final : public DeviceBackend {
                   double eps, double wd, int64_t step) override {
     timed("adamw_step", [&] { inner_.adamw_step(w, m, v, g, n, lr, b1, b2, eps, wd, step); });
   }
+  void adamw_step_all(const std::vector<AdamWBuffers>& params, double lr, double b1, double b2, double eps, double wd,
+                      int64_t step) override {
+    timed("adamw_step_all", [&] { inner_.adamw_step_all(params, lr, b1, b2, eps, wd, step); });
+  }
+  void scale_all(const std::vector<std::pair<float*, int64_t>>& buffers, double coef) override {
+    timed("scale_all", [&] { inner_.scale_all(buffers, coef); });
+  }
   void grouped_lora_forward(float* y, float* h, const float* x, const std::vector<const float*>& A,
                             const std::vector<const float*>& B, const int32_t* rows, const int32_t* seg,
                             const float* w, float scale, const GroupedLoRADims& d, bool unique) override {

@@ -14,12 +14,51 @@
 #include <vector>
 
 #include "moa/autograd/node.hpp"
+#include "moa/core/backend.hpp"
+#include "moa/core/head_layout.hpp"
 #include "moa/core/tensor.hpp"
 #include "moa/kernels/cpu/attention.hpp"
 
 namespace moa {
 
-// Returns (B, Hq, Tq, D) in q's dtype. scale defaults to 1 / sqrt(D).
+namespace detail {
+
+// x (B, H, T, D) as attention reads it: x itself when each row's D values are contiguous and rows
+// do not all alias (a head view of a projection output, a cache narrowed to its filled part), else
+// a contiguous copy. Detached either way.
+inline Tensor heads_in_place(const Tensor& x) {
+  const bool rows_ok = x.size(3) <= 1 || x.stride(3) == 1;
+  bool any = false;  // a layout of three zero strides would read as the default (contiguous) one
+  for (int a = 0; a < 3; ++a) any = any || (x.size(a) > 1 && x.stride(a) != 0);
+  const bool single_row = x.size(0) * x.size(1) * x.size(2) <= 1;
+  return rows_ok && (any || single_row) ? x.detach() : x.detach().contiguous();
+}
+
+// The HeadLayout of a (B, H, T, D) tensor accepted by heads_in_place (axes of size 1 get the
+// stride they would have in a contiguous tensor, so the layout is never the all-zero default by
+// accident).
+inline HeadLayout head_layout(const Tensor& x) {
+  const HeadLayout c = HeadLayout::contiguous(x.size(1), x.size(2), x.size(3));
+  return {x.size(0) > 1 ? x.stride(0) : c.batch, x.size(1) > 1 ? x.stride(1) : c.head,
+          x.size(2) > 1 ? x.stride(2) : c.row};
+}
+
+// Whether x's rows of one position lie together (heads interleaved within a token: a projection
+// output viewed as heads), rather than each head's rows together.
+inline bool rows_first(const Tensor& x) { return x.size(1) > 1 && x.size(2) > 1 && x.stride(2) > x.stride(1); }
+
+// An uninitialised (B, H, T, D) tensor: contiguous, or (rows_first) a (B, T, H, D) buffer seen
+// as (B, H, T, D), whose transpose(1, 2) is contiguous.
+inline Tensor empty_heads(int64_t B, int64_t H, int64_t T, int64_t D, bool rows_first, DType t, Device dev) {
+  if (!rows_first) return Tensor::empty({B, H, T, D}, t, dev);
+  return Tensor::empty({B, T, H, D}, t, dev).transpose(1, 2);
+}
+
+}  // namespace detail
+
+// Returns (B, Hq, Tq, D) in q's dtype: a view of a (B, Tq, Hq, D) buffer, so that merging the heads
+// (transpose(1, 2).reshape({B, Tq, Hq * D})) costs no copy. scale defaults to 1 / sqrt(D). q, k and
+// v are read in place when their rows of D values are contiguous (any strides on B, H, T).
 inline Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                std::optional<double> scale = std::nullopt) {
   MOA_CHECK(q.defined() && k.defined() && v.defined(), ValueError, "causal_attention: expected defined q, k and v");
@@ -51,58 +90,73 @@ inline Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v
   const double sc = scale.value_or(1.0 / std::sqrt(static_cast<double>(D)));
   MOA_CHECK(std::isfinite(sc), ValueError, "causal_attention: expected a finite scale, got ", sc);
 
-  const Tensor qc = q.detach().contiguous(), kc = k.detach().contiguous(), vc = v.detach().contiguous();
-  if (on_device(q)) {
+  // Operands are read in place when their head rows are contiguous (a projection's (B, T, H * D)
+  // output viewed as heads needs no copy); the output and the gradients are written in the row
+  // order of the heads' source, so merging heads back (transpose(1, 2).reshape) is free too.
+  const Tensor qc = detail::heads_in_place(q), kc = detail::heads_in_place(k), vc = detail::heads_in_place(v);
+  AttentionLayouts lay;
+  lay.q = detail::head_layout(qc);
+  lay.k = detail::head_layout(kc);
+  lay.v = detail::head_layout(vc);
+  Tensor out = detail::empty_heads(B, Hq, Tq, D, true, q.dtype(), q.device());  // (B, Hq, Tq, D), rows (B, Tq, Hq)
+  lay.out = detail::head_layout(out);
+  Tensor lse = Tensor::empty({B, Hq, Tq}, q.dtype(), q.device());
+  const bool on_dev = on_device(q);
+  if (on_dev) {
     detail::check_device_f32(q, "causal_attention");
-    const Device dev = q.device();
-    const AttentionDims dims{B, Hq, Hkv, Tq, Tk, D};
-    Tensor out = Tensor::empty({B, Hq, Tq, D}, q.dtype(), dev);
-    Tensor lse = Tensor::empty({B, Hq, Tq}, q.dtype(), dev);
+    AttentionDims dims{B, Hq, Hkv, Tq, Tk, D};
+    dims.layout = lay;
     if (out.numel() > 0)
-      backend(dev).attention_forward(out.data<float>(), lse.data<float>(), qc.data<float>(), kc.data<float>(),
-                                     vc.data<float>(), dims, static_cast<float>(sc));
-    if (autograd::needs_graph({&q, &k, &v}))
-      autograd::record("causal_attention", out, {q, k, v},
-                       [qs = qc.detach(), ks = kc.detach(), vs = vc.detach(), os = out.detach(), lse, dims,
-                        sc](const Tensor& g, const std::vector<char>& needs) {
-                         std::vector<Tensor> grads(3);
-                         const Device d = qs.device();
-                         if (needs[0]) grads[0] = Tensor::empty(qs.shape(), qs.dtype(), d);
-                         if (needs[1]) grads[1] = Tensor::empty(ks.shape(), ks.dtype(), d);
-                         if (needs[2]) grads[2] = Tensor::empty(vs.shape(), vs.dtype(), d);
-                         auto ptr = [](const Tensor& t) { return t.defined() ? t.data<float>() : nullptr; };
-                         if (qs.numel() > 0)
-                           backend(d).attention_backward(ptr(grads[0]), ptr(grads[1]), ptr(grads[2]), g.data<float>(),
-                                                         qs.data<float>(), ks.data<float>(), vs.data<float>(),
-                                                         os.data<float>(), lse.data<float>(), dims,
-                                                         static_cast<float>(sc));
-                         return grads;
-                       });
-    return out;
+      backend(q.device())
+          .attention_forward(out.data<float>(), lse.data<float>(), qc.data<float>(), kc.data<float>(), vc.data<float>(),
+                             dims, static_cast<float>(sc));
+  } else {
+    detail::dispatch_float(q.dtype(), "causal_attention", [&]<class T>() {
+      kernels::cpu::attention_forward<T>(out.data<T>(), lse.data<T>(), qc.data<T>(), kc.data<T>(), vc.data<T>(), B, Hq,
+                                         Hkv, Tq, Tk, D, static_cast<T>(sc), lay);
+    });
   }
-  Tensor out = Tensor::empty({B, Hq, Tq, D}, q.dtype());  // (B, Hq, Tq, D)
-  Tensor lse = Tensor::empty({B, Hq, Tq}, q.dtype());     // (B, Hq, Tq)
-  detail::dispatch_float(q.dtype(), "causal_attention", [&]<class T>() {
-    kernels::cpu::attention_forward<T>(out.data<T>(), lse.data<T>(), qc.data<T>(), kc.data<T>(), vc.data<T>(), B, Hq,
-                                       Hkv, Tq, Tk, D, static_cast<T>(sc));
-  });
   if (autograd::needs_graph({&q, &k, &v})) {
     autograd::record(
         "causal_attention", out, {q, k, v},
-        [qs = qc.detach(), ks = kc.detach(), vs = vc.detach(), os = out.detach(), lse, B, Hq, Hkv, Tq, Tk, D,
-         sc](const Tensor& g, const std::vector<char>& needs) {
+        [qs = qc.detach(), ks = kc.detach(), vs = vc.detach(), os = out.detach(), lse, lay, B, Hq, Hkv, Tq, Tk, D, sc,
+         on_dev](const Tensor& g, const std::vector<char>& needs) {
           std::vector<Tensor> grads(3);
-          if (needs[0]) grads[0] = Tensor::empty(qs.shape(), qs.dtype());
-          if (needs[1]) grads[1] = Tensor::empty(ks.shape(), ks.dtype());
-          if (needs[2]) grads[2] = Tensor::empty(vs.shape(), vs.dtype());
+          const Device d = qs.device();
+          // Each gradient in its input's row order (contiguous for the caller's reshape back).
+          if (needs[0]) grads[0] = detail::empty_heads(B, Hq, Tq, D, detail::rows_first(qs), qs.dtype(), d);
+          if (needs[1]) grads[1] = detail::empty_heads(B, Hkv, Tk, D, detail::rows_first(ks), ks.dtype(), d);
+          if (needs[2]) grads[2] = detail::empty_heads(B, Hkv, Tk, D, detail::rows_first(vs), vs.dtype(), d);
+          const Tensor gc = detail::heads_in_place(g);
+          AttentionLayouts L = lay;
+          L.dout = detail::head_layout(gc);
+          if (grads[0].defined()) L.dq = detail::head_layout(grads[0]);
+          if (grads[1].defined()) L.dk = detail::head_layout(grads[1]);
+          if (grads[2].defined()) L.dv = detail::head_layout(grads[2]);
+          if (on_dev) {
+            auto ptr = [](const Tensor& t) { return t.defined() ? t.data<float>() : nullptr; };
+            AttentionDims dims{B, Hq, Hkv, Tq, Tk, D};
+            dims.layout = L;
+            if (qs.numel() == 0) {  // no query: nothing flows to k and v
+              for (Tensor& t : grads)
+                if (t.defined() && t.numel() > 0)
+                  backend(d).fill(t.dtype(), t.data<float>(), t.shape(), t.strides(), 0.0);
+              return grads;
+            }
+            backend(d).attention_backward(ptr(grads[0]), ptr(grads[1]), ptr(grads[2]), gc.data<float>(),
+                                          qs.data<float>(), ks.data<float>(), vs.data<float>(), os.data<float>(),
+                                          lse.data<float>(), dims, static_cast<float>(sc));
+            return grads;
+          }
           detail::dispatch_float(qs.dtype(), "causal_attention backward", [&]<class T>() {
             auto ptr = [](const Tensor& t) { return t.defined() ? t.data<T>() : nullptr; };
-            kernels::cpu::attention_backward<T>(ptr(grads[0]), ptr(grads[1]), ptr(grads[2]), g.data<T>(),
-                                                qs.data<T>(), ks.data<T>(), vs.data<T>(), os.data<T>(),
-                                                lse.data<T>(), B, Hq, Hkv, Tq, Tk, D, static_cast<T>(sc));
+            kernels::cpu::attention_backward<T>(ptr(grads[0]), ptr(grads[1]), ptr(grads[2]), gc.data<T>(), qs.data<T>(),
+                                                ks.data<T>(), vs.data<T>(), os.data<T>(), lse.data<T>(), B, Hq, Hkv, Tq,
+                                                Tk, D, static_cast<T>(sc), L);
           });
           return grads;
-        });
+        },
+        /*strided_grad=*/true);  // g is read in place (heads_in_place) when its rows are contiguous
   }
   return out;
 }

@@ -189,9 +189,15 @@ inline Tensor grouped_lora_device(const Tensor& x, const std::vector<Tensor>& A,
           const Device dev = g.device();
           std::vector<Tensor> r(static_cast<std::size_t>(2 + 2 * E + (has_base ? 1 : 0)));
           if (has_base && needs[2 + 2 * E]) r[2 + 2 * E] = g;  // d(base + product) / d base
-          if (needs[0]) r[0] = Tensor::zeros({dims.N, dims.In}, DType::f32, dev);
           if (needs[1]) r[1] = Tensor::zeros({M}, DType::f32, dev);
-          if (M == 0) return r;
+          if (M == 0) {
+            if (needs[0]) r[0] = Tensor::zeros({dims.N, dims.In}, DType::f32, dev);
+            return r;
+          }
+          // dx, dA and dB are written by the backend (GroupedLoRADims::write_grads), not zeroed here
+          // and added into: no fill per expert and none of the full-size dx when every row has one
+          // assignment.
+          if (needs[0]) r[0] = Tensor::empty({dims.N, dims.In}, DType::f32, dev);
           std::vector<float*> dA(static_cast<std::size_t>(E), nullptr), dB(static_cast<std::size_t>(E), nullptr);
           std::vector<const float*> pA, pB;
           for (int64_t e = 0; e < E; ++e) {
@@ -199,22 +205,23 @@ inline Tensor grouped_lora_device(const Tensor& x, const std::vector<Tensor>& A,
             pB.push_back(Bd[e].data<float>());
             if (begin[e + 1] == begin[e]) continue;  // no rows: no gradient for this expert
             if (needs[2 + e]) {
-              r[2 + e] = Tensor::zeros(Ad[e].shape(), DType::f32, dev);
+              r[2 + e] = Tensor::empty(Ad[e].shape(), DType::f32, dev);
               dA[e] = r[2 + e].data<float>();
             }
             if (needs[2 + E + e]) {
-              r[2 + E + e] = Tensor::zeros(Bd[e].shape(), DType::f32, dev);
+              r[2 + E + e] = Tensor::empty(Bd[e].shape(), DType::f32, dev);
               dB[e] = r[2 + E + e].data<float>();
             }
           }
+          GroupedLoRADims written = dims;
+          written.write_grads = true;
           Tensor dh = Tensor::empty({M, dims.R}, DType::f32, dev);
           Tensor dwg = needs[1] ? Tensor::empty({M}, DType::f32, dev) : Tensor();
-          backend(dev).grouped_lora_backward(needs[0] ? r[0].data<float>() : nullptr, dA, dB,
-                                             dwg.defined() ? dwg.data<float>() : nullptr, dh.data<float>(),
-                                             g.contiguous().data<float>(), xd.data<float>(), h.data<float>(), pA, pB,
-                                             rows_d.data<int32_t>(), seg_d.data<int32_t>(),
-                                             wg.defined() ? wg.data<float>() : nullptr, static_cast<float>(scale),
-                                             dims, unique);
+          backend(dev).grouped_lora_backward(
+              needs[0] ? r[0].data<float>() : nullptr, dA, dB, dwg.defined() ? dwg.data<float>() : nullptr,
+              dh.data<float>(), g.contiguous().data<float>(), xd.data<float>(), h.data<float>(), pA, pB,
+              rows_d.data<int32_t>(), seg_d.data<int32_t>(), wg.defined() ? wg.data<float>() : nullptr,
+              static_cast<float>(scale), written, unique);
           if (dwg.defined())  // back to the caller's order: dw[order[j]] = dwg[j]
             backend(dev).put_add(r[1].data<float>(), order_d.data<int32_t>(), dwg.data<float>(), M);
           return r;

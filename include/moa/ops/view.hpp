@@ -94,9 +94,10 @@ inline Tensor Tensor::permute(const std::vector<int64_t>& order) const {
   if (autograd::needs_graph({this})) {
     std::vector<int64_t> inverse(ax.size());
     for (std::size_t i = 0; i < ax.size(); ++i) inverse[ax[i]] = static_cast<int64_t>(i);
-    autograd::record("permute", out, {*this}, [inverse](const Tensor& g, const std::vector<char>&) {
-      return std::vector<Tensor>{g.permute(inverse)};
-    });
+    autograd::record(
+        "permute", out, {*this},
+        [inverse](const Tensor& g, const std::vector<char>&) { return std::vector<Tensor>{g.permute(inverse)}; },
+        /*strided_grad=*/true);
   }
   return out;
 }

@@ -4,7 +4,9 @@
 //   p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "moa/core/tensor.hpp"
@@ -26,6 +28,9 @@ class AdamW {
       const Tensor& p = params_[i];
       MOA_CHECK(p.defined() && p.is_leaf() && p.is_contiguous() && is_floating(p.dtype()), ValueError,
                 "AdamW: expected contiguous floating leaf parameters, parameter ", i, " is not");
+      for (std::size_t j = 0; j < i; ++j)  // one update each: a device step updates all at once
+        MOA_CHECK(p.numel() == 0 || params_[j].storage() != p.storage(), ValueError, "AdamW: parameters ", j, " and ",
+                  i, " share their memory (a parameter listed twice?)");
       m_.push_back(Tensor::zeros(p.shape(), p.dtype(), p.device()));
       v_.push_back(Tensor::zeros(p.shape(), p.dtype(), p.device()));
     }
@@ -44,19 +49,24 @@ class AdamW {
     ++step_;
     const double bc1 = 1.0 - std::pow(config_.beta1, static_cast<double>(step_));
     const double bc2 = 1.0 - std::pow(config_.beta2, static_cast<double>(step_));
+    // Device parameters: the same arithmetic, every parameter of a device in one backend call
+    // (a few launches for all of them); moments follow the parameter's device.
+    std::vector<std::pair<Device, std::vector<AdamWBuffers>>> on_devices;
+    std::vector<Tensor> keep;  // contiguous gradients alive until the updates are queued
     for (std::size_t i = 0; i < params_.size(); ++i) {
       Tensor& p = params_[i];
       const Tensor g = p.grad();
       if (!g.defined()) continue;
-      if (on_device(p)) {  // the same arithmetic in one kernel; moments follow the parameter's device
+      if (on_device(p)) {
         detail::check_device_f32(p, "AdamW");
         if (m_[i].device() != p.device()) m_[i] = m_[i].to(p.device());
         if (v_[i].device() != p.device()) v_[i] = v_[i].to(p.device());
-        const Tensor gc = g.device() == p.device() ? g.contiguous() : g.to(p.device()).contiguous();
-        if (p.numel() > 0)
-          backend(p.device()).adamw_step(p.data<float>(), m_[i].data<float>(), v_[i].data<float>(), gc.data<float>(),
-                                         p.numel(), config_.lr, config_.beta1, config_.beta2, config_.eps,
-                                         config_.weight_decay, step_);
+        keep.push_back(g.device() == p.device() ? g.contiguous() : g.to(p.device()).contiguous());
+        auto it =
+            std::find_if(on_devices.begin(), on_devices.end(), [&](const auto& d) { return d.first == p.device(); });
+        if (it == on_devices.end()) it = on_devices.insert(on_devices.end(), {p.device(), {}});
+        it->second.push_back(
+            {p.data<float>(), m_[i].data<float>(), v_[i].data<float>(), keep.back().data<float>(), p.numel()});
         ++p.storage()->version;
         continue;
       }
@@ -83,6 +93,9 @@ class AdamW {
       });
       ++p.storage()->version;
     }
+    for (const auto& [dev, buffers] : on_devices)
+      backend(dev).adamw_step_all(buffers, config_.lr, config_.beta1, config_.beta2, config_.eps, config_.weight_decay,
+                                  step_);
   }
 
   void zero_grad() {

@@ -43,12 +43,16 @@ inline double clip_grad_norm(const std::vector<Tensor>& params, double max_norm,
             "clip_grad_norm: the total gradient norm is not finite (", norm, "); the loss has probably diverged");
   const double coef = max_norm / (norm + 1e-6);
   if (coef < 1.0) {
+    // Device gradients: all of a device's in one call (a few launches). They are owned contiguous
+    // tensors (the engine makes them so).
+    std::vector<std::pair<Device, std::vector<std::pair<float*, int64_t>>>> to_scale;
     for (const Tensor& p : params) {
       Tensor g = p.grad();
       if (!g.defined()) continue;
-      if (on_device(g)) {  // gradients are owned contiguous tensors (the engine makes them so)
-        if (g.numel() > 0)
-          backend(g.device()).unary(UnaryOp::scale, coef, g.data<float>(), g.data<float>(), g.numel());
+      if (on_device(g)) {
+        auto it = std::find_if(to_scale.begin(), to_scale.end(), [&](const auto& d) { return d.first == g.device(); });
+        if (it == to_scale.end()) it = to_scale.insert(to_scale.end(), {g.device(), {}});
+        it->second.emplace_back(g.data<float>(), g.numel());
         continue;
       }
       detail::dispatch_float(g.dtype(), "clip_grad_norm", [&]<class T>() {
@@ -56,6 +60,7 @@ inline double clip_grad_norm(const std::vector<Tensor>& params, double max_norm,
         for (int64_t i = 0; i < g.numel(); ++i) d[i] *= static_cast<T>(coef);
       });
     }
+    for (const auto& [dev, buffers] : to_scale) backend(dev).scale_all(buffers, coef);
   }
   return norm;
 }

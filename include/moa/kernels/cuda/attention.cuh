@@ -2,6 +2,8 @@
 // forward and backward, on float32 device buffers, with the layouts and semantics of
 // kernels/reference/attention.hpp:
 //   q, out, dq: (B, Hq, Tq, D); k, v, dk, dv: (B, Hkv, Tk, D); lse, delta: (B, Hq, Tq); D <= 256.
+//   Each (B, H, T, D) operand lies in its own HeadLayout (AttentionShape::layout: rows of D
+//   contiguous floats; default contiguous); lse and delta are contiguous.
 //   Query head h reads kv head h / (Hq / Hkv); query i sits at position Tk - Tq + i and sees keys
 //   j <= Tk - Tq + i.
 //
@@ -54,31 +56,33 @@ __global__ void attention_forward_kernel(float* out, float* lse, const float* q,
   const int64_t row = blockIdx.x * int64_t(attn_warps) + (threadIdx.x >> 5);  // over B * Hq * Tq
   if (row >= s.B * s.Hq * s.Tq) return;
   const int64_t bh = row / s.Tq, i = row - bh * s.Tq, b = bh / s.Hq, h = bh - b * s.Hq;
-  const int64_t bkv = b * s.Hkv + h / (s.Hq / s.Hkv), n = s.Tk - s.Tq + i + 1;
-  const float* kb = k + bkv * s.Tk * s.D;
-  const float* vb = v + bkv * s.Tk * s.D;
+  const int64_t hkv = h / (s.Hq / s.Hkv), n = s.Tk - s.Tq + i + 1;
+  const AttentionLayouts& L = s.layout;
+  const float* kb = k + head_at(L.k, b, hkv);
+  const float* vb = v + head_at(L.v, b, hkv);
   float qr[DPL], acc[DPL];
-  load_row(qr, q + row * s.D, s.D, lane);
+  load_row(qr, q + head_at(L.q, b, h) + i * L.q.row, s.D, lane);
   MOA_UNROLL
   for (int t = 0; t < DPL; ++t) acc[t] = 0.f;
   float m = -INFINITY, l = 0.f;
   for (int64_t j = 0; j < n; ++j) {
-    const float sc = row_dot(qr, kb + j * s.D, s.D, lane) * scale;
+    const float sc = row_dot(qr, kb + j * L.k.row, s.D, lane) * scale;
     const float mn = fmaxf(m, sc);
     const float corr = expf(m - mn), p = expf(sc - mn);
     l = l * corr + p;
     MOA_UNROLL
     for (int t = 0; t < DPL; ++t) {
       const int64_t c = lane + 32 * t;
-      acc[t] = acc[t] * corr + (c < s.D ? p * vb[j * s.D + c] : 0.f);
+      acc[t] = acc[t] * corr + (c < s.D ? p * vb[j * L.v.row + c] : 0.f);
     }
     m = mn;
   }
   const float inv = 1.f / l;
+  float* orow = out + head_at(L.out, b, h) + i * L.out.row;
   MOA_UNROLL
   for (int t = 0; t < DPL; ++t) {
     const int64_t c = lane + 32 * t;
-    if (c < s.D) out[row * s.D + c] = acc[t] * inv;
+    if (c < s.D) orow[c] = acc[t] * inv;
   }
   if (lane == 0) lse[row] = m + logf(l);
 }
@@ -92,28 +96,30 @@ __global__ void attention_dq_kernel(float* dq, float* delta, const float* dout, 
   const int64_t row = blockIdx.x * int64_t(attn_warps) + (threadIdx.x >> 5);
   if (row >= s.B * s.Hq * s.Tq) return;
   const int64_t bh = row / s.Tq, i = row - bh * s.Tq, b = bh / s.Hq, h = bh - b * s.Hq;
-  const int64_t bkv = b * s.Hkv + h / (s.Hq / s.Hkv), n = s.Tk - s.Tq + i + 1;
-  const float* kb = k + bkv * s.Tk * s.D;
-  const float* vb = v + bkv * s.Tk * s.D;
+  const int64_t hkv = h / (s.Hq / s.Hkv), n = s.Tk - s.Tq + i + 1;
+  const AttentionLayouts& L = s.layout;
+  const float* kb = k + head_at(L.k, b, hkv);
+  const float* vb = v + head_at(L.v, b, hkv);
   float qr[DPL], gr[DPL], acc[DPL];
-  load_row(qr, q + row * s.D, s.D, lane);
-  load_row(gr, dout + row * s.D, s.D, lane);
-  const float dl = row_dot(gr, out + row * s.D, s.D, lane), li = lse[row];
+  load_row(qr, q + head_at(L.q, b, h) + i * L.q.row, s.D, lane);
+  load_row(gr, dout + head_at(L.dout, b, h) + i * L.dout.row, s.D, lane);
+  const float dl = row_dot(gr, out + head_at(L.out, b, h) + i * L.out.row, s.D, lane), li = lse[row];
   MOA_UNROLL
   for (int t = 0; t < DPL; ++t) acc[t] = 0.f;
   for (int64_t j = 0; j < n; ++j) {
-    const float p = expf(row_dot(qr, kb + j * s.D, s.D, lane) * scale - li);
-    const float ds = p * (row_dot(gr, vb + j * s.D, s.D, lane) - dl) * scale;
+    const float p = expf(row_dot(qr, kb + j * L.k.row, s.D, lane) * scale - li);
+    const float ds = p * (row_dot(gr, vb + j * L.v.row, s.D, lane) - dl) * scale;
     MOA_UNROLL
     for (int t = 0; t < DPL; ++t) {
       const int64_t c = lane + 32 * t;
-      if (c < s.D) acc[t] += ds * kb[j * s.D + c];
+      if (c < s.D) acc[t] += ds * kb[j * L.k.row + c];
     }
   }
+  float* dqrow = dq + head_at(L.dq, b, h) + i * L.dq.row;
   MOA_UNROLL
   for (int t = 0; t < DPL; ++t) {
     const int64_t c = lane + 32 * t;
-    if (c < s.D) dq[row * s.D + c] = acc[t];
+    if (c < s.D) dqrow[c] = acc[t];
   }
   if (lane == 0) delta[row] = dl;
 }
@@ -130,17 +136,20 @@ __global__ void attention_dkv_kernel(float* dk, float* dv, const float* dout, co
   const int64_t bkv = row / s.Tk, j = row - bkv * s.Tk, b = bkv / s.Hkv, hkv = bkv - b * s.Hkv;
   const int64_t group = s.Hq / s.Hkv, off = s.Tk - s.Tq;
   const int64_t i0 = j - off > 0 ? j - off : 0;  // first query that sees key j
+  const AttentionLayouts& L = s.layout;
   float kr[DPL], vr[DPL], dka[DPL], dva[DPL];
-  load_row(kr, k + row * s.D, s.D, lane);
-  load_row(vr, v + row * s.D, s.D, lane);
+  load_row(kr, k + head_at(L.k, b, hkv) + j * L.k.row, s.D, lane);
+  load_row(vr, v + head_at(L.v, b, hkv) + j * L.v.row, s.D, lane);
   MOA_UNROLL
   for (int t = 0; t < DPL; ++t) dka[t] = dva[t] = 0.f;
   for (int64_t h = hkv * group; h < (hkv + 1) * group; ++h) {
     const int64_t bh = b * s.Hq + h;
+    const float* qh = q + head_at(L.q, b, h);
+    const float* gh = dout + head_at(L.dout, b, h);
     for (int64_t i = i0; i < s.Tq; ++i) {
       const int64_t qrow = bh * s.Tq + i;
-      const float* qi = q + qrow * s.D;
-      const float* gi = dout + qrow * s.D;
+      const float* qi = qh + i * L.q.row;
+      const float* gi = gh + i * L.dout.row;
       const float p = expf(row_dot(kr, qi, s.D, lane) * scale - lse[qrow]);
       const float ds = p * (row_dot(vr, gi, s.D, lane) - delta[qrow]) * scale;
       MOA_UNROLL
@@ -153,13 +162,31 @@ __global__ void attention_dkv_kernel(float* dk, float* dv, const float* dout, co
       }
     }
   }
+  float* dkrow = dk + head_at(L.dk, b, hkv) + j * L.dk.row;
+  float* dvrow = dv + head_at(L.dv, b, hkv) + j * L.dv.row;
   MOA_UNROLL
   for (int t = 0; t < DPL; ++t) {
     const int64_t c = lane + 32 * t;
     if (c < s.D) {
-      dk[row * s.D + c] = dka[t];
-      dv[row * s.D + c] = dva[t];
+      dkrow[c] = dka[t];
+      dvrow[c] = dva[t];
     }
+  }
+}
+
+// delta[(b Hq + h) Tq + i] = dout_i . out_i over the query rows, each operand in its layout. One
+// warp per row, grid-stride.
+static __global__ void attention_delta_kernel(float* delta, const float* dout, const float* out, AttentionShape s) {
+  const int lane = threadIdx.x & 31;
+  const int64_t rows = s.B * s.Hq * s.Tq, warps = int64_t(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t r = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5); r < rows; r += warps) {
+    const int64_t bh = r / s.Tq, i = r - bh * s.Tq, b = bh / s.Hq, h = bh - b * s.Hq;
+    const float* g = dout + head_at(s.layout.dout, b, h) + i * s.layout.dout.row;
+    const float* o = out + head_at(s.layout.out, b, h) + i * s.layout.out.row;
+    float acc = 0.f;
+    for (int64_t c = lane; c < s.D; c += 32) acc += g[c] * o[c];
+    acc = warp_sum(acc);
+    if (lane == 0) delta[r] = acc;
   }
 }
 
@@ -186,10 +213,24 @@ inline unsigned attn_blocks(int64_t rows) { return static_cast<unsigned>((rows +
 
 }  // namespace detail
 
+// delta (B, Hq, Tq) = dout . out row by row (the backward's per-query term), dout and out in the
+// layouts of s.
+inline void attention_delta(float* delta, const float* dout, const float* out, const AttentionShape& shape,
+                            cudaStream_t stream = nullptr) {
+  const AttentionShape s = shape.resolved();
+  const int64_t rows = s.B * s.Hq * s.Tq;
+  if (rows <= 0) return;
+  int64_t blocks = (rows + 7) / 8;
+  blocks = blocks > 65535LL * 16 ? 65535LL * 16 : blocks;
+  MOA_CUDA_LAUNCH(detail::attention_delta_kernel, static_cast<unsigned>(blocks), 256, 0, stream, delta, dout, out, s);
+  MOA_CUDA_LAUNCH_CHECK();
+}
+
 // out = softmax(scale q k^T, causal) v, lse saved for the backward. out, lse written.
 inline void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
-                              const AttentionShape& s, float scale, cudaStream_t stream = nullptr) {
-  detail::check_attention("attention_forward", s);
+                              const AttentionShape& shape, float scale, cudaStream_t stream = nullptr) {
+  detail::check_attention("attention_forward", shape);
+  const AttentionShape s = shape.resolved();
   const int64_t rows = s.B * s.Hq * s.Tq;
   if (rows == 0) return;
   detail::dispatch_head(s.D, [&]<int DPL>() {
@@ -203,8 +244,9 @@ inline void attention_forward(float* out, float* lse, const float* q, const floa
 // scratch (kernels allocate nothing).
 inline void attention_backward(float* dq, float* dk, float* dv, float* delta, const float* dout, const float* q,
                                const float* k, const float* v, const float* out, const float* lse,
-                               const AttentionShape& s, float scale, cudaStream_t stream = nullptr) {
-  detail::check_attention("attention_backward", s);
+                               const AttentionShape& shape, float scale, cudaStream_t stream = nullptr) {
+  detail::check_attention("attention_backward", shape);
+  const AttentionShape s = shape.resolved();
   const int64_t qrows = s.B * s.Hq * s.Tq, krows = s.B * s.Hkv * s.Tk;
   if (krows == 0) return;
   detail::dispatch_head(s.D, [&]<int DPL>() {

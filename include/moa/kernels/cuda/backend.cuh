@@ -294,8 +294,8 @@ class CudaBackend final : public DeviceBackend {
     DeviceState& s = activate_for(first, "sum_squares");
     Scratch acc(s, sizeof(double));
     MOA_CUDA_CHECK(cudaMemsetAsync(acc.get(), 0, sizeof(double), s.stream));
-    for (const auto& [x, n] : buffers)  // one accumulator, one synchronisation
-      if (n > 0) grad_norm_sq_accumulate(acc.as<double>(), x, n, s.stream);
+    // One accumulator, 128 buffers per launch, one synchronisation.
+    sum_squares_multi(acc.as<double>(), buffers.data(), buffers.size(), s.stream);
     double r = 0.0;
     MOA_CUDA_CHECK(cudaMemcpyAsync(&r, acc.get(), sizeof(double), cudaMemcpyDeviceToHost, s.stream));
     MOA_CUDA_CHECK(cudaStreamSynchronize(s.stream));
@@ -438,7 +438,7 @@ class CudaBackend final : public DeviceBackend {
   void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q, const float* k,
                           const float* v, const float* out, const float* lse, const AttentionDims& d,
                           float scale) override {
-    const AttentionShape sh = attention_shape(d);
+    AttentionShape sh = attention_shape(d);
     detail::check_attention("attention_backward", sh);
     const void* any = dq ? static_cast<const void*>(dq) : dk ? static_cast<const void*>(dk) : dv;
     const int64_t qrows = sh.B * sh.Hq * sh.Tq, krows = sh.B * sh.Hkv * sh.Tk;
@@ -450,12 +450,15 @@ class CudaBackend final : public DeviceBackend {
     Scratch kv_scratch(s, want_kv && (!dk || !dv) ? static_cast<std::size_t>(krows * sh.D) * sizeof(float) : 0);
     float* dk_out = dk ? dk : kv_scratch.as<float>();
     float* dv_out = dv ? dv : kv_scratch.as<float>();
+    if (!dk) sh.layout.dk = HeadLayout::contiguous(sh.Hkv, sh.Tk, sh.D);  // the scratch's layout
+    if (!dv) sh.layout.dv = HeadLayout::contiguous(sh.Hkv, sh.Tk, sh.D);
     if (use_flash_attention(sh)) {  // delta first, then the dq and dk/dv kernels
-      row_dot(delta.as<float>(), dout, out, qrows, sh.D, s.stream);
+      attention_delta(delta.as<float>(), dout, out, sh, s.stream);
       flash_attention_backward(dq, want_kv ? dk_out : nullptr, want_kv ? dv_out : nullptr, delta.as<float>(), dout, q,
                                k, v, lse, sh, scale, s.stream);
       return;
     }
+    sh = sh.resolved();  // the row kernels below are launched here, not through their launcher
     detail::dispatch_head(sh.D, [&]<int DPL>() {
       if (qrows > 0) {
         if (dq) {
@@ -463,7 +466,7 @@ class CudaBackend final : public DeviceBackend {
                           s.stream, dq, delta.as<float>(), dout, q, k, v, out, lse, sh, scale);
           MOA_CUDA_LAUNCH_CHECK();
         } else if (want_kv) {
-          row_dot(delta.as<float>(), dout, out, qrows, sh.D, s.stream);
+          attention_delta(delta.as<float>(), dout, out, sh, s.stream);
         }
       }
       if (want_kv) {
@@ -500,6 +503,27 @@ class CudaBackend final : public DeviceBackend {
                                      s.stream);
   }
 
+  void adamw_step_all(const std::vector<AdamWBuffers>& params, double lr, double beta1, double beta2, double eps,
+                      double weight_decay, int64_t step) override {
+    MOA_CHECK(step >= 1, ValueError, "adamw_step: expected step >= 1 (steps count from 1), got ", step);
+    std::vector<AdamWTensor> list;
+    list.reserve(params.size());
+    for (const AdamWBuffers& p : params)
+      if (p.n > 0) list.push_back({p.w, p.m, p.v, p.g, p.n});
+    if (list.empty()) return;
+    DeviceState& s = activate_for(list.front().w, "adamw_step_all");
+    adamw_step_multi(list.data(), list.size(), AdamWScalars::make(lr, beta1, beta2, eps, weight_decay, step), s.stream);
+  }
+
+  void scale_all(const std::vector<std::pair<float*, int64_t>>& buffers, double coef) override {
+    const float* first = nullptr;
+    for (const auto& [x, n] : buffers)
+      if (n > 0 && !first) first = x;
+    if (!first) return;
+    DeviceState& s = activate_for(first, "scale_all");
+    scale_multi(buffers.data(), buffers.size(), static_cast<float>(coef), s.stream);
+  }
+
   // ---- grouped LoRA ------------------------------------------------------------------------------------------------
   void grouped_lora_forward(float* y, float* h, const float* x, const std::vector<const float*>& A,
                             const std::vector<const float*>& B, const int32_t* rows, const int32_t* seg,
@@ -527,8 +551,12 @@ class CudaBackend final : public DeviceBackend {
     const GroupedLoRAShape sh = lora_shape(d);
     detail::check_grouped_shape("grouped_lora_backward", sh);
     check_expert_vectors("grouped_lora_backward", d.E, A.size(), B.size(), dA.size(), dB.size());
-    if (sh.M == 0) return;
-    DeviceState& s = activate_for(dh, "grouped_lora_backward");
+    if (sh.M == 0 && !d.write_grads) return;
+    const void* any = sh.M > 0 ? dh : dx;  // with M == 0 only the written gradients are touched
+    for (float* p : dA) any = any ? any : p;
+    for (float* p : dB) any = any ? any : p;
+    if (!any) return;
+    DeviceState& s = activate_for(any, "grouped_lora_backward");
     bool want_dA = false, want_dB = false;
     for (float* p : dA) want_dA = want_dA || p;
     for (float* p : dB) want_dB = want_dB || p;
@@ -636,11 +664,12 @@ class CudaBackend final : public DeviceBackend {
   }
 
   static AttentionShape attention_shape(const AttentionDims& d) {
-    return AttentionShape{.B = d.B, .Hq = d.Hq, .Hkv = d.Hkv, .Tq = d.Tq, .Tk = d.Tk, .D = d.D};
+    return AttentionShape{.B = d.B, .Hq = d.Hq, .Hkv = d.Hkv, .Tq = d.Tq, .Tk = d.Tk, .D = d.D, .layout = d.layout};
   }
 
   static GroupedLoRAShape lora_shape(const GroupedLoRADims& d) {
-    return GroupedLoRAShape{.N = d.N, .M = d.M, .E = d.E, .In = d.In, .Out = d.Out, .R = d.R};
+    return GroupedLoRAShape{
+        .N = d.N, .M = d.M, .E = d.E, .In = d.In, .Out = d.Out, .R = d.R, .write_grads = d.write_grads};
   }
 
   static void check_expert_vectors(const char* op, int64_t E, std::size_t nA, std::size_t nB, std::size_t ndA,

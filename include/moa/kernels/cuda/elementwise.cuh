@@ -376,17 +376,6 @@ static __global__ void scale_matrices_kernel(float* C, int64_t batch, int64_t M,
 }
 
 // ---- attention: delta[row] = dout[row] . out[row], one warp per row ---------------------------------------
-static __global__ void row_dot_kernel(float* delta, const float* a, const float* b, int64_t rows, int64_t D) {
-  const int lane = threadIdx.x & 31;
-  const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
-  for (int64_t r = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5); r < rows; r += warps) {
-    float s = 0.f;
-    for (int64_t c = lane; c < D; c += 32) s += a[r * D + c] * b[r * D + c];
-    s = warp_sum(s);
-    if (lane == 0) delta[r] = s;
-  }
-}
-
 inline unsigned warp_rows_grid(int64_t rows, int warps_per_block) {
   int64_t b = (rows + warps_per_block - 1) / warps_per_block;
   if (b < 1) b = 1;
@@ -587,13 +576,6 @@ inline void scale_matrices(float* C, int64_t batch, int64_t M, int64_t N, int64_
   if (n <= 0 || beta == 1.f) return;
   MOA_CUDA_LAUNCH(detail::scale_matrices_kernel, detail::grid_for(n, detail::ew_threads), detail::ew_threads, 0, stream,
                   C, batch, M, N, ldc, stride_c, beta);
-  MOA_CUDA_LAUNCH_CHECK();
-}
-
-// out[r] = a[r] . b[r] for rows (rows, D) (attention's delta = dout . out).
-inline void row_dot(float* out, const float* a, const float* b, int64_t rows, int64_t D, cudaStream_t stream) {
-  if (rows <= 0) return;
-  MOA_CUDA_LAUNCH(detail::row_dot_kernel, detail::warp_rows_grid(rows, 8), 256, 0, stream, out, a, b, rows, D);
   MOA_CUDA_LAUNCH_CHECK();
 }
 

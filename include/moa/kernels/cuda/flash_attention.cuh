@@ -2,6 +2,8 @@
 // style), forward and backward, for MatmulPrecision::bf16. Same layouts and semantics as
 // attention.cuh and kernels/reference/attention.hpp:
 //   q, out, dq: (B, Hq, Tq, D); k, v, dk, dv: (B, Hkv, Tk, D); lse, delta: (B, Hq, Tq); D <= 128.
+//   Each (B, H, T, D) operand lies in its own HeadLayout (AttentionShape::layout; rows of D contiguous
+//   floats, default contiguous); lse and delta are contiguous.
 //   Query head h reads kv head h / (Hq / Hkv); query i sits at position Tk - Tq + i and sees keys
 //   j <= Tk - Tq + i.
 //
@@ -35,6 +37,7 @@
 #include <cstdint>
 
 #include "moa/core/error.hpp"
+#include "moa/core/head_layout.hpp"
 #include "moa/kernels/cuda/check.cuh"
 #include "moa/kernels/cuda/launch.cuh"
 
@@ -42,7 +45,20 @@ namespace moa::kernels::cuda {
 
 struct AttentionShape {
   int64_t B = 1, Hq = 1, Hkv = 1, Tq = 1, Tk = 1, D = 1;
+  AttentionLayouts layout = {};  // default layouts: contiguous (the launchers resolve them)
+
+  // This shape with every default layout made explicit (what the kernels read).
+  AttentionShape resolved() const {
+    AttentionShape r = *this;
+    r.layout = layout.resolve(Hq, Hkv, Tq, Tk, D);
+    return r;
+  }
 };
+
+// Element offset of row 0 of head h of batch b in layout l.
+__device__ __forceinline__ int64_t head_at(const HeadLayout& l, int64_t b, int64_t h) {
+  return b * l.batch + h * l.head;
+}
 
 namespace flash {
 
@@ -97,19 +113,22 @@ struct BackwardSmem {
 // The query tile of a forward or dq block (blockIdx.x over B * Hq * query tiles; the longest,
 // last, tiles first) and what it reads.
 struct QueryTile {
-  int64_t q0, bh, bkv, off, key_tiles;
+  int64_t q0, bh, b, h, hkv, off, key_tiles;
   __device__ explicit QueryTile(const AttentionShape& s) {
     const int64_t qtiles = (s.Tq + kTile - 1) / kTile, bid = blockIdx.x;
     q0 = (qtiles - 1 - bid % qtiles) * kTile;
     bh = bid / qtiles;  // over B * Hq
-    const int64_t b = bh / s.Hq, h = bh - b * s.Hq;
-    bkv = b * s.Hkv + h / (s.Hq / s.Hkv);
+    b = bh / s.Hq;
+    h = bh - b * s.Hq;
+    hkv = h / (s.Hq / s.Hkv);
     off = s.Tk - s.Tq;
     const int64_t last = q0 + kTile < s.Tq ? q0 + kTile : s.Tq;  // one past the tile's last query
     key_tiles = (off + last - 1) / kTile + 1;                       // the keys up to its last query's
   }
-  // The (Tk, D) rows of this tile's kv head in k or v.
-  __device__ const float* kv_head(const float* base, const AttentionShape& s) const { return base + bkv * s.Tk * s.D; }
+  // Row 0 of this tile's head in a query-side operand (q, out, dout, dq) of layout l.
+  __device__ int64_t q_at(const HeadLayout& l) const { return head_at(l, b, h); }
+  // Row 0 of this tile's kv head in k or v of layout l.
+  __device__ int64_t kv_at(const HeadLayout& l) const { return head_at(l, b, hkv); }
 };
 
 using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major>;
@@ -117,17 +136,18 @@ using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_majo
 using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major>;
 using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
-// dst (64 x Dp bf16, row stride ld) = rows r0 .. r0 + 63 of src (rows x D f32), zero outside.
+// dst (64 x Dp bf16, row stride ld) = rows r0 .. r0 + 63 of src (rows x D f32, row stride lds),
+// zero outside.
 template <int Dp>
-__device__ __forceinline__ void load_tile(bf16* dst, int ld, const float* src, int64_t r0, int64_t rows, int D,
-                                          int tid) {
-  if (D == Dp && (reinterpret_cast<std::uintptr_t>(src) & 15) == 0) {  // whole rows, float4 loads
+__device__ __forceinline__ void load_tile(bf16* dst, int ld, const float* src, int64_t lds, int64_t r0, int64_t rows,
+                                          int D, int tid) {
+  if (D == Dp && (reinterpret_cast<std::uintptr_t>(src) & 15) == 0 && (lds & 3) == 0) {  // float4 loads
     constexpr int V = Dp / 4;
     for (int e = tid; e < kTile * V; e += kThreads) {
       const int rr = e / V, c = (e - rr * V) * 4;
       const int64_t gr = r0 + rr;
       float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (gr < rows) x = *reinterpret_cast<const float4*>(src + gr * D + c);
+      if (gr < rows) x = *reinterpret_cast<const float4*>(src + gr * lds + c);
       bf16* d = dst + rr * ld + c;
       d[0] = __float2bfloat16(x.x);
       d[1] = __float2bfloat16(x.y);
@@ -138,7 +158,7 @@ __device__ __forceinline__ void load_tile(bf16* dst, int ld, const float* src, i
     for (int e = tid; e < kTile * Dp; e += kThreads) {
       const int rr = e / Dp, c = e - rr * Dp;
       const int64_t gr = r0 + rr;
-      dst[rr * ld + c] = __float2bfloat16(gr < rows && c < D ? src[gr * D + c] : 0.f);
+      dst[rr * ld + c] = __float2bfloat16(gr < rows && c < D ? src[gr * lds + c] : 0.f);
     }
   }
 }
@@ -179,11 +199,12 @@ MOA_UNROLL
   }
 }
 
-// Writes the warp's 16 rows (rows r0 .. r0 + 15 of a (rows x D) f32 matrix at dst) of acc * scale,
-// through stage (16 x LdO f32, the warp's own). Whole warp, one row at a time (coalesced).
+// Writes the warp's 16 rows (rows r0 .. r0 + 15 of a (rows x D) f32 matrix at dst, row stride ldd)
+// of acc * scale, through stage (16 x LdO f32, the warp's own). Whole warp, one row at a time
+// (coalesced).
 template <int DT>
-__device__ __forceinline__ void write16(float* dst, int64_t r0, int64_t rows, int D, const FragC (&acc)[DT],
-                                        float* stage, float scale, int lane) {
+__device__ __forceinline__ void write16(float* dst, int64_t ldd, int64_t r0, int64_t rows, int D,
+                                        const FragC (&acc)[DT], float* stage, float scale, int lane) {
   constexpr int LdO = Dims<DT>::LdO;
 MOA_UNROLL
   for (int n = 0; n < DT; ++n) wmma::store_matrix_sync(stage + n * 16, acc[n], LdO, wmma::mem_row_major);
@@ -191,7 +212,7 @@ MOA_UNROLL
   for (int rr = 0; rr < 16; ++rr) {
     const int64_t gr = r0 + rr;
     if (gr >= rows) break;
-    for (int c = lane; c < D; c += 32) dst[gr * D + c] = stage[rr * LdO + c] * scale;
+    for (int c = lane; c < D; c += 32) dst[gr * ldd + c] = stage[rr * LdO + c] * scale;
   }
   __syncwarp();
 }
@@ -213,9 +234,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(float* out, float* ls
   const int D = static_cast<int>(s.D);
   const QueryTile qt(s);
   const int64_t q0 = qt.q0, bh = qt.bh, off = qt.off;
-  const float *kb = qt.kv_head(k, s), *vb = qt.kv_head(v, s);
+  const AttentionLayouts& L = s.layout;
+  const float *kb = k + qt.kv_at(L.k), *vb = v + qt.kv_at(L.v);
 
-  load_tile<Dp>(Qs, LdK, q + bh * s.Tq * s.D, q0, s.Tq, D, tid);
+  load_tile<Dp>(Qs, LdK, q + qt.q_at(L.q), L.q.row, q0, s.Tq, D, tid);
   for (int e = tid; e < kTile * LdO; e += kThreads) Os[e] = 0.f;
 
   // Softmax work: lanes 2r and 2r + 1 own row r of the warp's 16, columns 0..31 and 32..63.
@@ -225,8 +247,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(float* out, float* ls
   for (int64_t kt = 0; kt < qt.key_tiles; ++kt) {
     const int64_t k0 = kt * kTile;
     __syncthreads();  // the last tile's K, V are read by every warp (and Q, O are initialised)
-    load_tile<Dp>(Ks, LdK, kb, k0, s.Tk, D, tid);
-    load_tile<Dp>(Vs, LdK, vb, k0, s.Tk, D, tid);
+    load_tile<Dp>(Ks, LdK, kb, L.k.row, k0, s.Tk, D, tid);
+    load_tile<Dp>(Vs, LdK, vb, L.v.row, k0, s.Tk, D, tid);
     __syncthreads();
     scores16<DT>(Ss + warp * 16 * kLdS, Qs + warp * 16 * LdK, LdK, Ks, LdK);
     __syncwarp();
@@ -273,26 +295,27 @@ MOA_UNROLL
   // out = O / l, lse = m + log l; the warp writes its rows one at a time (coalesced).
   const float inv = l > 0.f ? 1.f / l : 0.f;
   if (half == 0 && i < s.Tq) lse[bh * s.Tq + i] = m + logf(l);
-  float* ob = out + bh * s.Tq * s.D;
+  float* ob = out + qt.q_at(L.out);
   for (int rr = 0; rr < 16; ++rr) {
     const float inv_r = __shfl_sync(0xffffffffu, inv, 2 * rr);
     const int64_t gi = q0 + warp * 16 + rr;
     if (gi >= s.Tq) break;  // uniform over the warp
-    for (int c = lane; c < D; c += 32) ob[gi * D + c] = Os[(warp * 16 + rr) * LdO + c] * inv_r;
+    for (int c = lane; c < D; c += 32) ob[gi * L.out.row + c] = Os[(warp * 16 + rr) * LdO + c] * inv_r;
   }
 }
 
-// The backward's query side of one tile: Q and dO rows q0 .. q0 + 63 of head bh as bf16 tiles,
-// and their lse and delta (zero past Tq). The caller synchronises before reading them.
+// The backward's query side of one tile: Q and dO rows q0 .. q0 + 63 of head h of batch b
+// (bh = b Hq + h) as bf16 tiles, and their lse and delta (zero past Tq). The caller synchronises
+// before reading them.
 template <int DT>
 __device__ __forceinline__ void load_query_tile(__nv_bfloat16* Qs, __nv_bfloat16* dOs, float* lse_s, float* delta_s,
-                                                const float* q, const float* dout, const float* lse,
-                                                const float* delta, int64_t bh, int64_t q0, const AttentionShape& s,
-                                                int tid) {
+                                                const float* q, const float* dout, const float* lse, const float* delta,
+                                                int64_t b, int64_t h, int64_t q0, const AttentionShape& s, int tid) {
   constexpr int Dp = Dims<DT>::Dp, LdK = Dims<DT>::LdK;
   const int D = static_cast<int>(s.D);
-  load_tile<Dp>(Qs, LdK, q + bh * s.Tq * s.D, q0, s.Tq, D, tid);
-  load_tile<Dp>(dOs, LdK, dout + bh * s.Tq * s.D, q0, s.Tq, D, tid);
+  const int64_t bh = b * s.Hq + h;
+  load_tile<Dp>(Qs, LdK, q + head_at(s.layout.q, b, h), s.layout.q.row, q0, s.Tq, D, tid);
+  load_tile<Dp>(dOs, LdK, dout + head_at(s.layout.dout, b, h), s.layout.dout.row, q0, s.Tq, D, tid);
   if (tid < kTile) {
     const int64_t i = q0 + tid;
     lse_s[tid] = i < s.Tq ? lse[bh * s.Tq + i] : 0.f;
@@ -323,8 +346,9 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(float* dk, float* dv, con
   const int64_t group = s.Hq / s.Hkv, off = s.Tk - s.Tq, k0 = kt * kTile;
   const int64_t qt0 = (k0 - off > 0 ? k0 - off : 0) / kTile, qtiles = (s.Tq + kTile - 1) / kTile;
 
-  load_tile<Dp>(Ks, LdK, k + bkv * s.Tk * s.D, k0, s.Tk, D, tid);
-  load_tile<Dp>(Vs, LdK, v + bkv * s.Tk * s.D, k0, s.Tk, D, tid);
+  const AttentionLayouts& L = s.layout;
+  load_tile<Dp>(Ks, LdK, k + head_at(L.k, b, hkv), L.k.row, k0, s.Tk, D, tid);
+  load_tile<Dp>(Vs, LdK, v + head_at(L.v, b, hkv), L.v.row, k0, s.Tk, D, tid);
 
   FragC dK[DT], dV[DT];
 MOA_UNROLL
@@ -335,11 +359,10 @@ MOA_UNROLL
   const int r = lane >> 1, half = lane & 1, row = warp * 16 + r;
   const int64_t j = k0 + row;  // this lane pair's key
   for (int64_t h = hkv * group; h < (hkv + 1) * group; ++h) {
-    const int64_t bh = b * s.Hq + h;
     for (int64_t qt = qt0; qt < qtiles; ++qt) {
       const int64_t q0 = qt * kTile;
       __syncthreads();  // every warp is done with the last Q, dO, lse, delta (and K, V are loaded)
-      load_query_tile<DT>(Qs, dOs, lse_s, delta_s, q, dout, lse, delta, bh, q0, s, tid);
+      load_query_tile<DT>(Qs, dOs, lse_s, delta_s, q, dout, lse, delta, b, h, q0, s, tid);
       __syncthreads();
       // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x 64 queries
       scores16<DT>(Ss + warp * 16 * kLdS, Ks + warp * 16 * LdK, LdK, Qs, LdK);
@@ -361,8 +384,8 @@ MOA_UNROLL
   }
   __syncthreads();  // the score buffers become the staging of the results
   float* stage = Ss + warp * 16 * LdO;
-  write16<DT>(dv + bkv * s.Tk * s.D, k0 + warp * 16, s.Tk, D, dV, stage, 1.f, lane);
-  write16<DT>(dk + bkv * s.Tk * s.D, k0 + warp * 16, s.Tk, D, dK, stage, scale, lane);
+  write16<DT>(dv + head_at(L.dv, b, hkv), L.dv.row, k0 + warp * 16, s.Tk, D, dV, stage, 1.f, lane);
+  write16<DT>(dk + head_at(L.dk, b, hkv), L.dk.row, k0 + warp * 16, s.Tk, D, dK, stage, scale, lane);
 }
 
 // dq_i = scale sum_j dS_ij k_j. Block = (batch, query head, query tile).
@@ -380,10 +403,11 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(float* dq, const float* do
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int D = static_cast<int>(s.D);
   const QueryTile qt(s);
-  const int64_t q0 = qt.q0, bh = qt.bh, off = qt.off;
-  const float *kb = qt.kv_head(k, s), *vb = qt.kv_head(v, s);
+  const int64_t q0 = qt.q0, off = qt.off;
+  const AttentionLayouts& L = s.layout;
+  const float *kb = k + qt.kv_at(L.k), *vb = v + qt.kv_at(L.v);
 
-  load_query_tile<DT>(Qs, dOs, lse_s, delta_s, q, dout, lse, delta, bh, q0, s, tid);
+  load_query_tile<DT>(Qs, dOs, lse_s, delta_s, q, dout, lse, delta, qt.b, qt.h, q0, s, tid);
   FragC dQ[DT];
 MOA_UNROLL
   for (int n = 0; n < DT; ++n) wmma::fill_fragment(dQ[n], 0.f);
@@ -393,8 +417,8 @@ MOA_UNROLL
   for (int64_t kt = 0; kt < qt.key_tiles; ++kt) {
     const int64_t k0 = kt * kTile;
     __syncthreads();
-    load_tile<Dp>(Ks, LdK, kb, k0, s.Tk, D, tid);
-    load_tile<Dp>(Vs, LdK, vb, k0, s.Tk, D, tid);
+    load_tile<Dp>(Ks, LdK, kb, L.k.row, k0, s.Tk, D, tid);
+    load_tile<Dp>(Vs, LdK, vb, L.v.row, k0, s.Tk, D, tid);
     __syncthreads();
     scores16<DT>(Ss + warp * 16 * kLdS, Qs + warp * 16 * LdK, LdK, Ks, LdK);
     scores16<DT>(dPs + warp * 16 * kLdS, dOs + warp * 16 * LdK, LdK, Vs, LdK);
@@ -411,7 +435,7 @@ MOA_UNROLL
   }
   __syncthreads();
   float* stage = Ss + warp * 16 * LdO;
-  write16<DT>(dq + bh * s.Tq * s.D, q0 + warp * 16, s.Tq, D, dQ, stage, scale, lane);
+  write16<DT>(dq + qt.q_at(L.dq), L.dq.row, q0 + warp * 16, s.Tq, D, dQ, stage, scale, lane);
 }
 
 // Calls f.template operator()<DT>() with DT = ceil(D / 16) in 1..8.
@@ -458,8 +482,9 @@ inline void check_shape(const char* op, const AttentionShape& s) {
 
 // out = softmax(scale q k^T, causal) v and lse, on tensor cores (bf16 products, f32 softmax).
 inline void flash_attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
-                                    const AttentionShape& s, float scale, cudaStream_t stream = nullptr) {
-  flash::detail::check_shape("flash_attention_forward", s);
+                                    const AttentionShape& shape, float scale, cudaStream_t stream = nullptr) {
+  flash::detail::check_shape("flash_attention_forward", shape);
+  const AttentionShape s = shape.resolved();
   const int64_t qtiles = (s.Tq + flash::kTile - 1) / flash::kTile;
   if (s.B * s.Hq * qtiles == 0) return;
   const unsigned grid = flash::detail::blocks(s.B * s.Hq * qtiles, "flash_attention_forward");
@@ -477,8 +502,9 @@ inline void flash_attention_forward(float* out, float* lse, const float* q, cons
 // query row (B, Hq, Tq), computed by the caller.
 inline void flash_attention_backward(float* dq, float* dk, float* dv, const float* delta, const float* dout,
                                      const float* q, const float* k, const float* v, const float* lse,
-                                     const AttentionShape& s, float scale, cudaStream_t stream = nullptr) {
-  flash::detail::check_shape("flash_attention_backward", s);
+                                     const AttentionShape& shape, float scale, cudaStream_t stream = nullptr) {
+  flash::detail::check_shape("flash_attention_backward", shape);
+  const AttentionShape s = shape.resolved();
   MOA_CHECK((dk == nullptr) == (dv == nullptr), ValueError,
             "flash_attention_backward: dk and dv come from one kernel: pass both (scratch for the unwanted one)");
   const int64_t qtiles = (s.Tq + flash::kTile - 1) / flash::kTile, ktiles = (s.Tk + flash::kTile - 1) / flash::kTile;

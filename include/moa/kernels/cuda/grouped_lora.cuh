@@ -33,6 +33,11 @@ struct GroupedLoRAShape {
   int64_t In = 0;   // x columns
   int64_t Out = 0;  // y columns
   int64_t R = 0;    // rank, 1..64
+  // Backward only: dx, dA_e and dB_e are written (every element, experts without assignments get
+  // zeros) instead of accumulated, so the caller need not zero them first. The kernels then store
+  // where each element has one writer (dx when the rows are a permutation, M == N with unique rows;
+  // dA, dB when one slice covers each expert) and zero the rest in one launch before adding.
+  bool write_grads = false;
 };
 
 namespace detail {
@@ -118,11 +123,13 @@ __global__ void sgmv_shrink_kernel(float* out, const float* in, int64_t ld_in, c
 
 // out[rows[j], c] += s_j * sum_r h[j, r] * W_e[c * sc + r * sr], one warp per sgmv_rows<RMax>
 // assignments; lanes split c, each weight read once for the warp's assignments of its expert.
-// Atomic adds when rows repeat.
+// mode: plain adds, atomic adds (rows repeat), or stores (=, each row written once).
+enum class ExpandMode : int { add, atomic_add, store };
+
 template <int RMax>
 __global__ void sgmv_expand_kernel(float* out, int64_t ld_out, const float* h, const float* const* W, int64_t sc,
                                    int64_t sr, int64_t Cn, int R, const int32_t* rows, const int32_t* seg, int E,
-                                   int64_t M, float scale, const float* w, bool atomic) {
+                                   int64_t M, float scale, const float* w, ExpandMode mode) {
   constexpr int Rows = sgmv_rows<RMax>;
   const int lane = threadIdx.x & 31;
   const int64_t first = (blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5)) * Rows;
@@ -154,8 +161,10 @@ __global__ void sgmv_expand_kernel(float* out, int64_t ld_out, const float* h, c
       MOA_UNROLL
       for (int i = 0; i < Rows; ++i) {
         if (i >= n) break;
-        if (atomic)
+        if (mode == ExpandMode::atomic_add)
           atomicAdd(yr[i] + c, acc[i]);
+        else if (mode == ExpandMode::store)
+          yr[i][c] = acc[i];
         else
           yr[i][c] += acc[i];
       }
@@ -166,11 +175,12 @@ __global__ void sgmv_expand_kernel(float* out, int64_t ld_out, const float* h, c
 // out_e[p * sp + q * sq] += sum over j in segment e of coef_j * L[j, p] * G[rows[j], q], p < R, q < Q;
 // coef_j = scale * (w ? w[j] : 1). Grid (Q / 32, E, S): blockIdx.z takes one of S slices of the
 // segment's assignments; block (32, 8): threadIdx.x picks q, threadIdx.y picks p = y, y + 8, ...
-// Slices add their partial sums with atomics.
+// Slices add their partial sums with atomics; with store (one slice: each element has one writer)
+// they are stored instead, zeros for an expert without assignments.
 template <int RMax>
 __global__ void sgmv_outer_kernel(float* const* out, int64_t sp, int64_t sq, const float* L, const float* G,
                                   int64_t ldg, int64_t Q, int R, const int32_t* rows, const int32_t* seg, float scale,
-                                  const float* w) {
+                                  const float* w, bool store) {
   constexpr int P = (RMax + 7) / 8;
   const int e = blockIdx.y;
   const int64_t q = blockIdx.x * int64_t(32) + threadIdx.x;
@@ -178,7 +188,7 @@ __global__ void sgmv_outer_kernel(float* const* out, int64_t sp, int64_t sq, con
   const int64_t chunk = (len + gridDim.z - 1) / gridDim.z;
   const int64_t j0 = b + blockIdx.z * chunk;
   const int64_t j1 = j0 + chunk < b + len ? j0 + chunk : b + len;
-  if (q >= Q || j0 >= j1 || !out[e]) return;
+  if (q >= Q || (j0 >= j1 && !store) || !out[e]) return;
   float acc[P];
   MOA_UNROLL
   for (int i = 0; i < P; ++i) acc[i] = 0.f;
@@ -194,8 +204,30 @@ __global__ void sgmv_outer_kernel(float* const* out, int64_t sp, int64_t sq, con
   MOA_UNROLL
   for (int i = 0; i < P; ++i) {
     const int p = threadIdx.y + 8 * i;
-    if (p < R) atomicAdd(o + p * sp + q * sq, acc[i]);
+    if (p >= R) continue;
+    if (store)
+      o[p * sp + q * sq] = acc[i];
+    else
+      atomicAdd(o + p * sp + q * sq, acc[i]);
   }
+}
+
+// o[0 .. n) = 0.
+static __global__ void zero_kernel(float* o, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    o[i] = 0.f;
+}
+
+// Zeroes out[e][0 .. n) for every e < E with out[e] non-null (out itself may be null: nothing).
+// Grid (blocks, E, 2): blockIdx.z picks the array a (n_a values per expert) or b (n_b).
+static __global__ void zero_expert_buffers_kernel(float* const* a, int64_t n_a, float* const* b, int64_t n_b) {
+  float* const* arr = blockIdx.z == 0 ? a : b;
+  const int64_t n = blockIdx.z == 0 ? n_a : n_b;
+  if (!arr) return;
+  float* o = arr[blockIdx.y];
+  if (!o) return;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    o[i] = 0.f;
 }
 
 // dw[j] = h[j] . dh[j] (when dw), then dh[j] *= w[j] (when w). One thread per assignment.
@@ -255,7 +287,8 @@ inline void grouped_lora_forward(float* y, float* h, const float* x, const float
                     rows, seg, E, s.M, 1.f, nullptr);
     MOA_CUDA_LAUNCH_CHECK();
     MOA_CUDA_LAUNCH(expand, blocks, 32 * detail::sgmv_warps, 0, stream, y, s.Out, h, B, /*sc=*/s.R, /*sr=*/1, s.Out, R,
-                    rows, seg, E, s.M, scale, w, !rows_unique);
+                    rows, seg, E, s.M, scale, w,
+                    rows_unique ? detail::ExpandMode::add : detail::ExpandMode::atomic_add);
     MOA_CUDA_LAUNCH_CHECK();
   });
 }
@@ -266,17 +299,34 @@ inline void grouped_lora_forward(float* y, float* h, const float* x, const float
 //   dx[rows[j]] += A_e^T dh[j]                        (accumulated; null: not wanted)
 //   dA_e  += sum_j dh[j]^T x[rows[j]]                 (accumulated; dA null or dA[e] null: not wanted)
 //   dB_e  += sum_j scale * w_j g[rows[j]]^T h[j]      (accumulated; likewise)
-// dA and dB are device arrays of E pointers. Experts without assignments get nothing added.
+// dA and dB are device arrays of E pointers. Experts without assignments get nothing added. With
+// s.write_grads, dx, dA_e and dB_e are written instead (= in place of +=; zeros where nothing adds).
 inline void grouped_lora_backward(float* dx, float* const* dA, float* const* dB, float* dw, float* dh, const float* g,
                                   const float* x, const float* h, const float* const* A, const float* const* B,
                                   const int32_t* rows, const int32_t* seg, const float* w, float scale,
                                   const GroupedLoRAShape& s, bool rows_unique = true, cudaStream_t stream = nullptr) {
   detail::check_grouped_shape("grouped_lora_backward", s);
-  if (s.M == 0) return;
   const int R = static_cast<int>(s.R), E = static_cast<int>(s.E);
   // Slices per expert for the weight gradients: about 64 assignments each, enough blocks to fill the GPU.
   int64_t slices = s.M / (s.E * 64);
   slices = slices < 1 ? 1 : (slices > 64 ? 64 : slices);
+  // Written outputs: dx is stored directly when every row has exactly one assignment, dA / dB when
+  // one slice covers each expert; what is still added into is zeroed first (dx by one launch, every
+  // expert's dA and dB by one more).
+  const bool store_dx = s.write_grads && s.M == s.N && rows_unique;
+  const bool store_w = s.write_grads && slices == 1 && s.M > 0;
+  auto blocks_for = [](int64_t n) { return static_cast<unsigned>((n + 255) / 256 < 1024 ? (n + 255) / 256 : 1024); };
+  if (s.write_grads && dx && !store_dx && s.N > 0) {
+    MOA_CUDA_LAUNCH(detail::zero_kernel, blocks_for(s.N * s.In), 256, 0, stream, dx, s.N * s.In);
+    MOA_CUDA_LAUNCH_CHECK();
+  }
+  if (s.write_grads && !store_w && (dA || dB)) {
+    const unsigned bx = blocks_for(s.R * (s.In > s.Out ? s.In : s.Out));
+    MOA_CUDA_LAUNCH(detail::zero_expert_buffers_kernel, dim3(bx, static_cast<unsigned>(E), 2), 256, 0, stream, dA,
+                    s.R * s.In, dB, s.Out * s.R);
+    MOA_CUDA_LAUNCH_CHECK();
+  }
+  if (s.M == 0) return;
   detail::dispatch_rank(s.R, [&]<int RMax>() {
     auto* shrink = detail::sgmv_shrink_kernel<RMax>;
     auto* expand = detail::sgmv_expand_kernel<RMax>;
@@ -292,20 +342,23 @@ inline void grouped_lora_backward(float* dx, float* const* dA, float* const* dB,
       MOA_CUDA_LAUNCH_CHECK();
     }
     if (dx) {  // dx[row, i] += sum_r dh[j, r] A_e[r, i]: W_e[i, r] = A_e[r * In + i]
+      const detail::ExpandMode mode = store_dx
+                                          ? detail::ExpandMode::store
+                                          : (rows_unique ? detail::ExpandMode::add : detail::ExpandMode::atomic_add);
       MOA_CUDA_LAUNCH(expand, blocks, 32 * detail::sgmv_warps, 0, stream, dx, s.In, dh, A, /*sc=*/1, /*sr=*/s.In, s.In,
-                      R, rows, seg, E, s.M, 1.f, nullptr, !rows_unique);
+                      R, rows, seg, E, s.M, 1.f, nullptr, mode);
       MOA_CUDA_LAUNCH_CHECK();
     }
     if (dA) {  // dA_e[r, i] += sum_j dh[j, r] x[row_j, i]
       const dim3 grid(static_cast<unsigned>((s.In + 31) / 32), static_cast<unsigned>(E), static_cast<unsigned>(slices));
       MOA_CUDA_LAUNCH(outer, grid, dim3(32, 8), 0, stream, dA, /*sp=*/s.In, /*sq=*/1, dh, x, s.In, s.In, R, rows, seg,
-                      1.f, nullptr);
+                      1.f, nullptr, store_w);
       MOA_CUDA_LAUNCH_CHECK();
     }
     if (dB) {  // dB_e[o, r] += sum_j scale w_j g[row_j, o] h[j, r]
       const dim3 grid(static_cast<unsigned>((s.Out + 31) / 32), static_cast<unsigned>(E), static_cast<unsigned>(slices));
       MOA_CUDA_LAUNCH(outer, grid, dim3(32, 8), 0, stream, dB, /*sp=*/1, /*sq=*/s.R, h, g, s.Out, s.Out, R, rows, seg,
-                      scale, w);
+                      scale, w, store_w);
       MOA_CUDA_LAUNCH_CHECK();
     }
   });
