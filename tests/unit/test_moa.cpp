@@ -128,6 +128,45 @@ TEST_CASE("MoA: the frozen base gets no gradient; routers and experts do; the ro
   CHECK(r.ok);
 }
 
+TEST_CASE("MoA: router logits are linear(RMS-normalised masked mean of the layer input): values and gradients") {
+  // router_logits pools with one batched product and normalises with rms_norm; the definition,
+  // written with elementwise ops, gives the same logits and the same gradients of x and the router.
+  auto base = std::make_shared<nn::TransformerLM>(tiny(), 2);
+  MoAModel m(base, moa_config({"a", "b", "c"}), 4);
+  Generator g(8);
+  const int64_t C = tiny().dim;
+  const Tensor x0 = Tensor::randn({3, 5, C}, g, DType::f32, 0.0, 3.0);
+  const Tensor mask = Tensor::from_vector(std::vector<float>{1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0}, {3, 5});
+  const Tensor wg = Tensor::randn({3, 3}, g);
+  Tensor& w = m.routers()[1]->weight;
+  Tensor x = x0.clone().set_requires_grad();
+  const Tensor got = m.router_logits(1, x, mask);
+  sum(got * wg).backward();
+  const Tensor gx = x.grad().clone(), gw = w.grad().clone();
+  w.zero_grad();
+  Tensor xr = x0.clone().set_requires_grad();
+  const Tensor mm = mask.unsqueeze(2);
+  Tensor pooled = sum(xr * mm, {1}) / sum(mm, {1});
+  pooled = pooled / sqrt(shift(mean(pooled * pooled, {1}, true), 1e-6));
+  const Tensor want = linear(pooled, w);
+  sum(want * wg).backward();
+  CHECK(got.shape() == Shape{3, 3});
+  CHECK(test::max_abs_diff(got, want) < 1e-5);
+  CHECK(test::max_abs_diff(gx, xr.grad()) < 1e-5);
+  CHECK(test::max_abs_diff(gw, w.grad()) < 1e-5);
+  // Last-token pooling: the row of each sequence's last prompt token (1, 4, 0 here).
+  mixture::MoAConfig last_cfg = moa_config({"a", "b", "c"});
+  last_cfg.pooling = mixture::Pooling::last;
+  MoAModel ml(std::make_shared<nn::TransformerLM>(tiny(), 2), last_cfg, 4);
+  const Tensor got_last = ml.router_logits(0, x0, mask);
+  const Tensor rows = concat({x0.narrow(0, 0, 1).narrow(1, 1, 1), x0.narrow(0, 1, 1).narrow(1, 4, 1),
+                              x0.narrow(0, 2, 1).narrow(1, 0, 1)},
+                             0)
+                          .reshape({3, C});
+  const Tensor want_last = linear(rows / sqrt(shift(mean(rows * rows, {1}, true), 1e-6)), ml.routers()[0]->weight);
+  CHECK(test::max_abs_diff(got_last, want_last) < 1e-5);
+}
+
 TEST_CASE("MoA: two synthetic domains - stage 1, stage 2, routing above 95%, lower loss than a mixed LoRA") {
   const int steps1 = 100, steps2 = 300;
   // The base: pretrained (full weights) on a third rule, then frozen; both systems share it.

@@ -220,28 +220,8 @@ class MoAModel : public nn::Module {
 
   // Router logits (B, E) of layer l from that layer's input x (B, T, C).
   Tensor router_logits(int64_t l, const Tensor& x, const Tensor& prompt_mask) const {
-    const Tensor& w = routers_[static_cast<std::size_t>(l)]->weight;
-    Tensor pooled;
-    if (c_.pooling == Pooling::mean) {
-      const Tensor m = prompt_mask.to(x.device()).unsqueeze(2);       // (B, T, 1)
-      pooled = sum(x * m, {1}) / sum(m, {1});                         // (B, C)
-    } else {
-      // the last prompt token of each row
-      const auto mv = prompt_mask.to_vector<float>();
-      const int64_t Bn = x.size(0), T = x.size(1);
-      std::vector<int32_t> last(static_cast<std::size_t>(Bn), 0);
-      for (int64_t b = 0; b < Bn; ++b)
-        for (int64_t t = 0; t < T; ++t)
-          if (mv[static_cast<std::size_t>(b * T + t)] > 0) last[b] = static_cast<int32_t>(t);
-      std::vector<int32_t> idx;
-      for (int64_t b = 0; b < Bn; ++b)
-        for (int64_t c = 0; c < x.size(2); ++c) idx.push_back(last[b]);
-      pooled = gather(x, 1, Tensor::from_vector(idx, {Bn, 1, x.size(2)})).squeeze(1);
-    }
-    // (choice) RMS-normalise the pooled vector: layer inputs differ in scale by orders of magnitude
-    // (the first layer sees raw embeddings), and the router should not depend on it.
-    pooled = pooled / sqrt(shift(mean(pooled * pooled, {1}, true), 1e-6));
-    return linear(pooled, w);  // (B, E)
+    return router_logits(l, x, prompt_mask,
+                         c_.pooling == Pooling::mean ? pooling_weights(prompt_mask, x.dtype(), x.device()) : Tensor());
   }
 
   // Teacher-forced forward: sequence b through expert experts[b] in every layer. Returns the logits
@@ -254,7 +234,11 @@ class MoAModel : public nn::Module {
     base_->block_hook = nullptr;
     if (router_logits) {
       router_logits->clear();
-      base_->block_hook = [&](int64_t l, const Tensor& x) { router_logits->push_back(router_logits_of(l, x, b)); };
+      // The mask and its pooling weights once for all the layers' routers.
+      const Tensor mask = prompt_mask_of(b), weights = router_weights_of(mask);
+      base_->block_hook = [&, mask, weights](int64_t l, const Tensor& x) {
+        router_logits->push_back(this->router_logits(l, x, mask, weights));
+      };
     }
     Tensor logits = base_->forward(b.ids);
     base_->block_hook = nullptr;
@@ -269,6 +253,7 @@ class MoAModel : public nn::Module {
     const Tensor logits = forward(b, b.domain, c_.eta > 0 ? &rl : nullptr);
     const Tensor lm = cross_entropy(logits, b.targets);
     if (c_.eta <= 0) return {lm, lm, Tensor()};
+    // Host labels: cross_entropy checks them on the host, so device ones would be read back per layer.
     const Tensor labels = Tensor::from_vector(b.domain, {static_cast<int64_t>(b.domain.size())});
     Tensor cls;
     for (const Tensor& r : rl) cls = cls.defined() ? cls + cross_entropy(r, labels) : cross_entropy(r, labels);
@@ -310,8 +295,9 @@ class MoAModel : public nn::Module {
     routing_->mode = RoutingMode::sequence;
     routing_->seq_expert.assign(static_cast<std::size_t>(L), std::vector<int32_t>(static_cast<std::size_t>(Bn), 0));
     std::vector<std::vector<int32_t>> choice(static_cast<std::size_t>(L));
+    const Tensor mask = prompt_mask_of(b), weights = router_weights_of(mask);
     base_->block_hook = [&](int64_t l, const Tensor& x) {
-      const Tensor lg = router_logits_of(l, x, b).to(Device::cpu()).contiguous();
+      const Tensor lg = router_logits(l, x, mask, weights).to(Device::cpu()).contiguous();
       const float* p = lg.data<float>();
       auto& ch = choice[static_cast<std::size_t>(l)];
       for (int64_t i = 0; i < Bn; ++i)
@@ -438,8 +424,60 @@ class MoAModel : public nn::Module {
     };
   }
 
-  Tensor router_logits_of(int64_t l, const Tensor& x, const MoABatch& b) const {
-    return router_logits(l, x, b.prompt_mask.defined() ? b.prompt_mask : Tensor::ones({x.size(0), x.size(1)}));
+  // The batch's prompt mask (B, T) on the host (all ones when it has none).
+  static Tensor prompt_mask_of(const MoABatch& b) {
+    return b.prompt_mask.defined() ? b.prompt_mask.to(Device::cpu()) : Tensor::ones({b.ids.size(0), b.ids.size(1)});
+  }
+  // The mean-pooling weights of the routers (or none with last-token pooling), in the routers'
+  // dtype on their device.
+  Tensor router_weights_of(const Tensor& mask) const {
+    if (c_.pooling != Pooling::mean) return Tensor();
+    const Tensor& w = routers_.front()->weight;
+    return pooling_weights(mask, w.dtype(), w.device());
+  }
+
+  // Mean-pooling weights (B, 1, T) of dtype t on device d: each row of the mask over its sum (a row
+  // without prompt tokens gives 0 / 0, NaN, as the mean over no tokens does).
+  static Tensor pooling_weights(const Tensor& prompt_mask, DType t, Device d) {
+    const Tensor m = prompt_mask.to(Device::cpu()).contiguous();
+    const int64_t B = m.size(0), T = m.size(1);
+    std::vector<double> w = m.to_vector<double>();  // in double; the product's dtype rounds it once
+    for (int64_t b = 0; b < B; ++b) {
+      double count = 0.0;
+      for (int64_t t = 0; t < T; ++t) count += w[static_cast<std::size_t>(b * T + t)];
+      for (int64_t t = 0; t < T; ++t) w[static_cast<std::size_t>(b * T + t)] /= count;
+    }
+    return Tensor::from_vector(w, {B, 1, T}).to(t).to(d);
+  }
+
+  // Router logits from the host mask and, with mean pooling, its weights (pooling_weights). Mean
+  // pooling is one batched product (B, 1, T) x (B, T, C) and the RMS normalisation one rms_norm: a
+  // few launches per layer on a GPU instead of a dozen elementwise ones.
+  Tensor router_logits(int64_t l, const Tensor& x, const Tensor& prompt_mask, const Tensor& weights) const {
+    const Tensor& w = routers_[static_cast<std::size_t>(l)]->weight;
+    Tensor pooled;
+    if (c_.pooling == Pooling::mean) {
+      const Tensor pw = weights.device() == x.device() && weights.dtype() == x.dtype()
+                            ? weights
+                            : weights.to(x.device()).to(x.dtype());
+      pooled = matmul(pw, x).squeeze(1);  // (B, C)
+    } else {
+      // the last prompt token of each row
+      const auto mv = prompt_mask.to(Device::cpu()).to(DType::f32).to_vector<float>();
+      const int64_t Bn = x.size(0), T = x.size(1);
+      std::vector<int32_t> last(static_cast<std::size_t>(Bn), 0);
+      for (int64_t b = 0; b < Bn; ++b)
+        for (int64_t t = 0; t < T; ++t)
+          if (mv[static_cast<std::size_t>(b * T + t)] > 0) last[b] = static_cast<int32_t>(t);
+      std::vector<int32_t> idx;
+      for (int64_t b = 0; b < Bn; ++b)
+        for (int64_t c = 0; c < x.size(2); ++c) idx.push_back(last[b]);
+      pooled = gather(x, 1, Tensor::from_vector(idx, {Bn, 1, x.size(2)})).squeeze(1);
+    }
+    // (choice) RMS-normalise the pooled vector: layer inputs differ in scale by orders of magnitude
+    // (the first layer sees raw embeddings), and the router should not depend on it.
+    pooled = rms_norm(pooled, Tensor::ones({x.size(2)}, x.dtype(), x.device()), 1e-6);
+    return linear(pooled, w);  // (B, E)
   }
 
   void check_batch(const MoABatch& b, const std::vector<int32_t>& experts) const {
