@@ -15,6 +15,10 @@
 // rows_unique = false: the adds to y and dx then use atomics.
 //
 // The matrices A_e, B_e are small (R x In, Out x R) and stay in L1/L2; x and y are streamed once.
+// A warp shrinks its assignments and expands them at once (sgmv_fused_kernel: h never makes a round
+// trip through memory in between): the forward is one launch, the backward two (dh, dw and dx in
+// one; dA and dB of every expert in the other), plus one zeroing launch when gradients are written
+// over memory that more than one slice adds into.
 #pragma once
 
 #include <cstdint>
@@ -73,19 +77,35 @@ __device__ __forceinline__ void for_each_run(const int32_t* seg, int E, int64_t 
   }
 }
 
-// out[j, r] = s_j * sum_k in[rows[j], k] * W_e[r * sr + k * sk], s_j = scale * (w ? w[j] : 1).
-// One warp per sgmv_rows<RMax> assignments: lanes split k (coalesced reads of the input rows),
-// each weight read once for all the warp's assignments of its expert.
+// How the expand adds into its output: plain adds, atomic adds (rows repeat), or stores (=, each
+// row written once).
+enum class ExpandMode : int { add, atomic_add, store };
+
+// The shrink and the expand of the same assignments in one kernel. One warp per sgmv_rows<RMax>
+// assignments, taken in runs of one expert; for each assignment j of expert e:
+//   v_j[r]   = pre * sum_k in[rows[j], k] * W1_e[r * sr1 + k * sk1]       (r < R; lanes split k, then
+//              every lane holds all of v_j)
+//   dw[j]    = h_in[j] . v_j                                              (when dw)
+//   v_j     *= w_j                                                        (when weighted_v)
+//   v_out[j] = v_j                                                        ((M, R), written)
+//   out[rows[j], c] (+)= coef_j * sum_r v_j[r] * W2_e[c * sc2 + r * sr2]  (when out; lanes split c)
+// with coef_j = post * (weighted_v ? 1 : w_j), w_j = w ? w[j] : 1. Each weight is read once for all
+// the warp's assignments of its expert. mode: plain adds, atomic adds (rows repeat), or stores.
+//   forward:  in x, W1 = A, v = h, W2 = B, post = scale      (y[rows] += scale w h B^T)
+//   backward: in g, W1 = B^T, pre = scale, dw, weighted v = dh, W2 = A^T   (dx[rows] += dh A)
 template <int RMax>
-__global__ void sgmv_shrink_kernel(float* out, const float* in, int64_t ld_in, const float* const* W, int64_t sr,
-                                   int64_t sk, int64_t K, int R, const int32_t* rows, const int32_t* seg, int E,
-                                   int64_t M, float scale, const float* w) {
+__global__ void sgmv_fused_kernel(float* out, int64_t ld_out, const float* in, int64_t ld_in, const float* const* W1,
+                                  int64_t sr1, int64_t sk1, int64_t K, const float* const* W2, int64_t sc2, int64_t sr2,
+                                  int64_t Cn, int R, const int32_t* rows, const int32_t* seg, int E, int64_t M,
+                                  float pre, float post, const float* w, bool weighted_v, float* v_out, float* dw,
+                                  const float* h_in, ExpandMode mode) {
   constexpr int Rows = sgmv_rows<RMax>;
   const int lane = threadIdx.x & 31;
   const int64_t first = (blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5)) * Rows;
   const int64_t last = first + Rows < M ? first + Rows : M;
   for_each_run(seg, E, first, last, [&](int e, int64_t j, int n) {
-    const float* We = W[e];
+    // Shrink: acc[i][r] = v_{j+i}[r].
+    const float* W1e = W1[e];
     const float* xr[Rows];
     float acc[Rows][RMax];
     MOA_UNROLL
@@ -101,115 +121,131 @@ __global__ void sgmv_shrink_kernel(float* out, const float* in, int64_t ld_in, c
       MOA_UNROLL
       for (int r = 0; r < RMax; ++r) {
         if (r < R) {
-          const float wv = We[r * sr + k * sk];
+          const float wv = W1e[r * sr1 + k * sk1];
           MOA_UNROLL
           for (int i = 0; i < Rows; ++i) acc[i][r] += xv[i] * wv;
         }
       }
     }
+    // Every lane gets all of v (butterfly sums); then dw, the weights, the stored v and the
+    // expand's coefficient, row by row (n, R and the branches are the same for the whole warp).
     MOA_UNROLL
     for (int i = 0; i < Rows; ++i) {
-      if (i >= n) break;  // n is the same for the whole warp
-      const float s = scale * (w ? w[j + i] : 1.f);
-      MOA_UNROLL
-      for (int r = 0; r < RMax; ++r) {
-        if (r >= R) break;
-        const float v = warp_sum(acc[i][r]);
-        if (lane == (r & 31)) out[(j + i) * R + r] = s * v;
+      if (i >= n) {
+        MOA_UNROLL
+        for (int r = 0; r < RMax; ++r) acc[i][r] = 0.f;
+        continue;
       }
+      const int64_t ji = j + i;
+      MOA_UNROLL
+      for (int r = 0; r < RMax; ++r) acc[i][r] = r < R ? pre * warp_sum(acc[i][r]) : 0.f;
+      if (dw) {
+        float d = 0.f;
+        for (int r = 0; r < R; ++r) d += h_in[ji * R + r] * acc[i][r];
+        if (lane == 0) dw[ji] = d;
+      }
+      const float wj = w ? w[ji] : 1.f;
+      if (weighted_v) {
+        MOA_UNROLL
+        for (int r = 0; r < RMax; ++r) acc[i][r] *= wj;
+      }
+      MOA_UNROLL
+      for (int r = 0; r < RMax; ++r)
+        if (r < R && lane == (r & 31)) v_out[ji * R + r] = acc[i][r];
+      const float coef = post * (weighted_v ? 1.f : wj);
+      MOA_UNROLL
+      for (int r = 0; r < RMax; ++r) acc[i][r] *= coef;
     }
-  });
-}
-
-// out[rows[j], c] += s_j * sum_r h[j, r] * W_e[c * sc + r * sr], one warp per sgmv_rows<RMax>
-// assignments; lanes split c, each weight read once for the warp's assignments of its expert.
-// mode: plain adds, atomic adds (rows repeat), or stores (=, each row written once).
-enum class ExpandMode : int { add, atomic_add, store };
-
-template <int RMax>
-__global__ void sgmv_expand_kernel(float* out, int64_t ld_out, const float* h, const float* const* W, int64_t sc,
-                                   int64_t sr, int64_t Cn, int R, const int32_t* rows, const int32_t* seg, int E,
-                                   int64_t M, float scale, const float* w, ExpandMode mode) {
-  constexpr int Rows = sgmv_rows<RMax>;
-  const int lane = threadIdx.x & 31;
-  const int64_t first = (blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5)) * Rows;
-  const int64_t last = first + Rows < M ? first + Rows : M;
-  for_each_run(seg, E, first, last, [&](int e, int64_t j, int n) {
-    const float* We = W[e];
-    float hr[Rows][RMax];
+    if (!out) return;
+    // Expand.
+    const float* W2e = W2[e];
     float* yr[Rows];
     MOA_UNROLL
-    for (int i = 0; i < Rows; ++i) {
-      const int64_t ji = j + (i < n ? i : 0);
-      const float s = i < n ? scale * (w ? w[ji] : 1.f) : 0.f;
-      MOA_UNROLL
-      for (int r = 0; r < RMax; ++r) hr[i][r] = r < R ? s * h[ji * R + r] : 0.f;
-      yr[i] = out + static_cast<int64_t>(rows[ji]) * ld_out;
-    }
+    for (int i = 0; i < Rows; ++i) yr[i] = out + static_cast<int64_t>(rows[j + (i < n ? i : 0)]) * ld_out;
     for (int64_t c = lane; c < Cn; c += 32) {
-      float acc[Rows];
+      float y[Rows];
       MOA_UNROLL
-      for (int i = 0; i < Rows; ++i) acc[i] = 0.f;
+      for (int i = 0; i < Rows; ++i) y[i] = 0.f;
       MOA_UNROLL
       for (int r = 0; r < RMax; ++r) {
         if (r < R) {
-          const float wv = We[c * sc + r * sr];
+          const float wv = W2e[c * sc2 + r * sr2];
           MOA_UNROLL
-          for (int i = 0; i < Rows; ++i) acc[i] += hr[i][r] * wv;
+          for (int i = 0; i < Rows; ++i) y[i] += acc[i][r] * wv;
         }
       }
       MOA_UNROLL
       for (int i = 0; i < Rows; ++i) {
         if (i >= n) break;
         if (mode == ExpandMode::atomic_add)
-          atomicAdd(yr[i] + c, acc[i]);
+          atomicAdd(yr[i] + c, y[i]);
         else if (mode == ExpandMode::store)
-          yr[i][c] = acc[i];
+          yr[i][c] = y[i];
         else
-          yr[i][c] += acc[i];
+          yr[i][c] += y[i];
       }
     }
   });
 }
 
 // out_e[p * sp + q * sq] += sum over j in segment e of coef_j * L[j, p] * G[rows[j], q], p < R, q < Q;
-// coef_j = scale * (w ? w[j] : 1). Grid (Q / 32, E, S): blockIdx.z takes one of S slices of the
-// segment's assignments; block (32, 8): threadIdx.x picks q, threadIdx.y picks p = y, y + 8, ...
-// Slices add their partial sums with atomics; with store (one slice: each element has one writer)
-// they are stored instead, zeros for an expert without assignments.
+// coef_j = scale * (w ? w[j] : 1). The block's x index bx picks q = 32 bx + threadIdx.x; grid y is
+// the expert e; blockIdx.z takes one of gridDim.z slices of the segment's assignments; block
+// (32, 8): threadIdx.y picks p = y, y + 8, ... Slices add their partial sums with atomics; with
+// store (one slice: each element has one writer) they are stored instead, zeros for an expert
+// without assignments.
+struct OuterArgs {
+  float* const* out;  // E pointers (null: not wanted; an entry null: that expert not wanted)
+  int64_t sp, sq;
+  const float* L;
+  const float* G;
+  int64_t ldg, Q;
+  float scale;
+  const float* w;
+};
+
 template <int RMax>
-__global__ void sgmv_outer_kernel(float* const* out, int64_t sp, int64_t sq, const float* L, const float* G,
-                                  int64_t ldg, int64_t Q, int R, const int32_t* rows, const int32_t* seg, float scale,
-                                  const float* w, bool store) {
+__device__ __forceinline__ void sgmv_outer_block(const OuterArgs& a, int64_t bx, int R, const int32_t* rows,
+                                                 const int32_t* seg, bool store) {
   constexpr int P = (RMax + 7) / 8;
   const int e = blockIdx.y;
-  const int64_t q = blockIdx.x * int64_t(32) + threadIdx.x;
+  const int64_t q = bx * 32 + threadIdx.x;
   const int64_t b = seg[e], len = seg[e + 1] - b;
   const int64_t chunk = (len + gridDim.z - 1) / gridDim.z;
   const int64_t j0 = b + blockIdx.z * chunk;
   const int64_t j1 = j0 + chunk < b + len ? j0 + chunk : b + len;
-  if (q >= Q || (j0 >= j1 && !store) || !out[e]) return;
+  if (q >= a.Q || (j0 >= j1 && !store) || !a.out[e]) return;
   float acc[P];
   MOA_UNROLL
   for (int i = 0; i < P; ++i) acc[i] = 0.f;
   for (int64_t j = j0; j < j1; ++j) {
-    const float gq = G[static_cast<int64_t>(rows[j]) * ldg + q] * scale * (w ? w[j] : 1.f);
+    const float gq = a.G[static_cast<int64_t>(rows[j]) * a.ldg + q] * a.scale * (a.w ? a.w[j] : 1.f);
     MOA_UNROLL
     for (int i = 0; i < P; ++i) {
       const int p = threadIdx.y + 8 * i;
-      if (p < R) acc[i] += L[j * R + p] * gq;
+      if (p < R) acc[i] += a.L[j * R + p] * gq;
     }
   }
-  float* o = out[e];
+  float* o = a.out[e];
   MOA_UNROLL
   for (int i = 0; i < P; ++i) {
     const int p = threadIdx.y + 8 * i;
     if (p >= R) continue;
     if (store)
-      o[p * sp + q * sq] = acc[i];
+      o[p * a.sp + q * a.sq] = acc[i];
     else
-      atomicAdd(o + p * sp + q * sq, acc[i]);
+      atomicAdd(o + p * a.sp + q * a.sq, acc[i]);
   }
+}
+
+// Both weight gradients in one launch: x blocks [0, blocks_a) do `a`, the rest do `b`.
+template <int RMax>
+__global__ void sgmv_outer_kernel(OuterArgs a, int64_t blocks_a, OuterArgs b, int R, const int32_t* rows,
+                                  const int32_t* seg, bool store) {
+  if (blockIdx.x < blocks_a)
+    sgmv_outer_block<RMax>(a, blockIdx.x, R, rows, seg, store);
+  else
+    sgmv_outer_block<RMax>(b, blockIdx.x - blocks_a, R, rows, seg, store);
 }
 
 // o[0 .. n) = 0.
@@ -228,19 +264,6 @@ static __global__ void zero_expert_buffers_kernel(float* const* a, int64_t n_a, 
   if (!o) return;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     o[i] = 0.f;
-}
-
-// dw[j] = h[j] . dh[j] (when dw), then dh[j] *= w[j] (when w). One thread per assignment.
-static __global__ void sgmv_weight_grad_kernel(float* dw, float* dh, const float* h, const float* w, int R, int64_t M) {
-  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (j >= M) return;
-  float d = 0.f;
-  const float wj = w ? w[j] : 1.f;
-  for (int r = 0; r < R; ++r) {
-    d += h[j * R + r] * dh[j * R + r];
-    dh[j * R + r] *= wj;
-  }
-  if (dw) dw[j] = d;
 }
 
 inline void check_grouped_shape(const char* op, const GroupedLoRAShape& s) {
@@ -272,7 +295,7 @@ unsigned sgmv_blocks(int64_t M) {
 
 }  // namespace detail
 
-// Forward: h = x[rows] A_e^T (written, (M, R)); y[rows] += scale * w * h B_e^T. Two launches in all.
+// Forward: h = x[rows] A_e^T (written, (M, R)); y[rows] += scale * w * h B_e^T. One launch in all.
 inline void grouped_lora_forward(float* y, float* h, const float* x, const float* const* A, const float* const* B,
                                  const int32_t* rows, const int32_t* seg, const float* w, float scale,
                                  const GroupedLoRAShape& s, bool rows_unique = true, cudaStream_t stream = nullptr) {
@@ -280,14 +303,10 @@ inline void grouped_lora_forward(float* y, float* h, const float* x, const float
   if (s.M == 0) return;
   const int R = static_cast<int>(s.R), E = static_cast<int>(s.E);
   detail::dispatch_rank(s.R, [&]<int RMax>() {
-    auto* shrink = detail::sgmv_shrink_kernel<RMax>;
-    auto* expand = detail::sgmv_expand_kernel<RMax>;
-    const unsigned blocks = detail::sgmv_blocks<RMax>(s.M);
-    MOA_CUDA_LAUNCH(shrink, blocks, 32 * detail::sgmv_warps, 0, stream, h, x, s.In, A, /*sr=*/s.In, /*sk=*/1, s.In, R,
-                    rows, seg, E, s.M, 1.f, nullptr);
-    MOA_CUDA_LAUNCH_CHECK();
-    MOA_CUDA_LAUNCH(expand, blocks, 32 * detail::sgmv_warps, 0, stream, y, s.Out, h, B, /*sc=*/s.R, /*sr=*/1, s.Out, R,
-                    rows, seg, E, s.M, scale, w,
+    auto* fused = detail::sgmv_fused_kernel<RMax>;
+    MOA_CUDA_LAUNCH(fused, detail::sgmv_blocks<RMax>(s.M), 32 * detail::sgmv_warps, 0, stream, y, s.Out, x, s.In, A,
+                    /*sr1=*/s.In, /*sk1=*/1, s.In, B, /*sc2=*/s.R, /*sr2=*/1, s.Out, R, rows, seg, E, s.M, 1.f, scale,
+                    w, false, h, nullptr, nullptr,
                     rows_unique ? detail::ExpandMode::add : detail::ExpandMode::atomic_add);
     MOA_CUDA_LAUNCH_CHECK();
   });
@@ -328,37 +347,25 @@ inline void grouped_lora_backward(float* dx, float* const* dA, float* const* dB,
   }
   if (s.M == 0) return;
   detail::dispatch_rank(s.R, [&]<int RMax>() {
-    auto* shrink = detail::sgmv_shrink_kernel<RMax>;
-    auto* expand = detail::sgmv_expand_kernel<RMax>;
+    auto* fused = detail::sgmv_fused_kernel<RMax>;
     auto* outer = detail::sgmv_outer_kernel<RMax>;
-    auto* weight_grad = detail::sgmv_weight_grad_kernel;
-    const unsigned blocks = detail::sgmv_blocks<RMax>(s.M);
-    // dh without the weights: scale * B_e^T g[row], read as W_e[r, o] = B_e[o * R + r].
-    MOA_CUDA_LAUNCH(shrink, blocks, 32 * detail::sgmv_warps, 0, stream, dh, g, s.Out, B, /*sr=*/1, /*sk=*/s.R, s.Out,
-                    R, rows, seg, E, s.M, scale, nullptr);
+    // dh = w scale B_e^T g[row] (shrink: W1_e[r, o] = B_e[o * R + r]; dw from the unweighted value),
+    // then dx[row, i] += sum_r dh[j, r] A_e[r, i] (expand: W2_e[i, r] = A_e[r * In + i]).
+    const detail::ExpandMode mode =
+        store_dx ? detail::ExpandMode::store : (rows_unique ? detail::ExpandMode::add : detail::ExpandMode::atomic_add);
+    MOA_CUDA_LAUNCH(fused, detail::sgmv_blocks<RMax>(s.M), 32 * detail::sgmv_warps, 0, stream, dx, s.In, g, s.Out, B,
+                    /*sr1=*/1, /*sk1=*/s.R, s.Out, A, /*sc2=*/1, /*sr2=*/s.In, s.In, R, rows, seg, E, s.M, scale, 1.f,
+                    w, true, dh, dw, h, mode);
     MOA_CUDA_LAUNCH_CHECK();
-    if (dw || w) {
-      MOA_CUDA_LAUNCH(weight_grad, static_cast<unsigned>((s.M + 255) / 256), 256, 0, stream, dw, dh, h, w, R, s.M);
-      MOA_CUDA_LAUNCH_CHECK();
-    }
-    if (dx) {  // dx[row, i] += sum_r dh[j, r] A_e[r, i]: W_e[i, r] = A_e[r * In + i]
-      const detail::ExpandMode mode = store_dx
-                                          ? detail::ExpandMode::store
-                                          : (rows_unique ? detail::ExpandMode::add : detail::ExpandMode::atomic_add);
-      MOA_CUDA_LAUNCH(expand, blocks, 32 * detail::sgmv_warps, 0, stream, dx, s.In, dh, A, /*sc=*/1, /*sr=*/s.In, s.In,
-                      R, rows, seg, E, s.M, 1.f, nullptr, mode);
-      MOA_CUDA_LAUNCH_CHECK();
-    }
-    if (dA) {  // dA_e[r, i] += sum_j dh[j, r] x[row_j, i]
-      const dim3 grid(static_cast<unsigned>((s.In + 31) / 32), static_cast<unsigned>(E), static_cast<unsigned>(slices));
-      MOA_CUDA_LAUNCH(outer, grid, dim3(32, 8), 0, stream, dA, /*sp=*/s.In, /*sq=*/1, dh, x, s.In, s.In, R, rows, seg,
-                      1.f, nullptr, store_w);
-      MOA_CUDA_LAUNCH_CHECK();
-    }
-    if (dB) {  // dB_e[o, r] += sum_j scale w_j g[row_j, o] h[j, r]
-      const dim3 grid(static_cast<unsigned>((s.Out + 31) / 32), static_cast<unsigned>(E), static_cast<unsigned>(slices));
-      MOA_CUDA_LAUNCH(outer, grid, dim3(32, 8), 0, stream, dB, /*sp=*/1, /*sq=*/s.R, h, g, s.Out, s.Out, R, rows, seg,
-                      scale, w, store_w);
+    // dA_e[r, i] += sum_j dh[j, r] x[row_j, i] and dB_e[o, r] += sum_j scale w_j g[row_j, o] h[j, r],
+    // one launch for both.
+    if (dA || dB) {
+      const detail::OuterArgs args_a{dA, s.In, 1, dh, x, s.In, s.In, 1.f, nullptr};
+      const detail::OuterArgs args_b{dB, 1, s.R, h, g, s.Out, s.Out, scale, w};
+      const int64_t blocks_a = dA ? (s.In + 31) / 32 : 0, blocks_b = dB ? (s.Out + 31) / 32 : 0;
+      const dim3 grid(static_cast<unsigned>(blocks_a + blocks_b), static_cast<unsigned>(E),
+                      static_cast<unsigned>(slices));
+      MOA_CUDA_LAUNCH(outer, grid, dim3(32, 8), 0, stream, args_a, blocks_a, args_b, R, rows, seg, store_w);
       MOA_CUDA_LAUNCH_CHECK();
     }
   });
