@@ -209,6 +209,15 @@ class DeviceBackend {
 
 namespace detail {
 
+// The list of device d in per-device groups (appended when d has none yet): batched backend calls
+// (clipping, AdamW) gather every buffer of a device first.
+template <class T>
+std::vector<T>& group_of(std::vector<std::pair<Device, std::vector<T>>>& groups, Device d) {
+  for (auto& [dev, list] : groups)
+    if (dev == d) return list;
+  return groups.emplace_back(d, std::vector<T>{}).second;
+}
+
 inline DeviceBackend*& backend_slot(DeviceType t) {
   static DeviceBackend* slots[2] = {nullptr, nullptr};
   return slots[static_cast<int>(t)];

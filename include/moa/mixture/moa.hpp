@@ -457,10 +457,7 @@ class MoAModel : public nn::Module {
     const Tensor& w = routers_[static_cast<std::size_t>(l)]->weight;
     Tensor pooled;
     if (c_.pooling == Pooling::mean) {
-      const Tensor pw = weights.device() == x.device() && weights.dtype() == x.dtype()
-                            ? weights
-                            : weights.to(x.device()).to(x.dtype());
-      pooled = matmul(pw, x).squeeze(1);  // (B, C)
+      pooled = matmul(weights.to(x.device()).to(x.dtype()), x).squeeze(1);  // (B, C); no copy when already so
     } else {
       // the last prompt token of each row
       const auto mv = prompt_mask.to(Device::cpu()).to(DType::f32).to_vector<float>();

@@ -62,11 +62,9 @@ class AdamW {
         if (m_[i].device() != p.device()) m_[i] = m_[i].to(p.device());
         if (v_[i].device() != p.device()) v_[i] = v_[i].to(p.device());
         keep.push_back(g.device() == p.device() ? g.contiguous() : g.to(p.device()).contiguous());
-        auto it =
-            std::find_if(on_devices.begin(), on_devices.end(), [&](const auto& d) { return d.first == p.device(); });
-        if (it == on_devices.end()) it = on_devices.insert(on_devices.end(), {p.device(), {}});
-        it->second.push_back(
-            {p.data<float>(), m_[i].data<float>(), v_[i].data<float>(), keep.back().data<float>(), p.numel()});
+        detail::group_of(on_devices, p.device())
+            .push_back(
+                {p.data<float>(), m_[i].data<float>(), v_[i].data<float>(), keep.back().data<float>(), p.numel()});
         ++p.storage()->version;
         continue;
       }

@@ -25,9 +25,7 @@ inline double clip_grad_norm(const std::vector<Tensor>& params, double max_norm,
     if (on_device(g)) {
       detail::check_device_f32(g, "clip_grad_norm");
       keep.push_back(g.contiguous());
-      auto it = std::find_if(on_devices.begin(), on_devices.end(), [&](const auto& d) { return d.first == g.device(); });
-      if (it == on_devices.end()) it = on_devices.insert(on_devices.end(), {g.device(), {}});
-      it->second.emplace_back(keep.back().data<float>(), keep.back().numel());
+      detail::group_of(on_devices, g.device()).emplace_back(keep.back().data<float>(), keep.back().numel());
       continue;
     }
     detail::dispatch_float(g.dtype(), "clip_grad_norm", [&]<class T>() {
@@ -50,9 +48,7 @@ inline double clip_grad_norm(const std::vector<Tensor>& params, double max_norm,
       Tensor g = p.grad();
       if (!g.defined()) continue;
       if (on_device(g)) {
-        auto it = std::find_if(to_scale.begin(), to_scale.end(), [&](const auto& d) { return d.first == g.device(); });
-        if (it == to_scale.end()) it = to_scale.insert(to_scale.end(), {g.device(), {}});
-        it->second.emplace_back(g.data<float>(), g.numel());
+        detail::group_of(to_scale, g.device()).emplace_back(g.data<float>(), g.numel());
         continue;
       }
       detail::dispatch_float(g.dtype(), "clip_grad_norm", [&]<class T>() {
