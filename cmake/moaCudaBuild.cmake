@@ -41,7 +41,7 @@ enable_language(CUDA)
 add_library(moa_cuda_flags INTERFACE)
 target_compile_options(moa_cuda_flags INTERFACE
   $<$<COMPILE_LANGUAGE:CUDA>:-std=c++20 --expt-relaxed-constexpr -Xcompiler=-Wall>)
-target_link_libraries(moa_cuda_flags INTERFACE CUDA::cudart CUDA::cublas)
+target_link_libraries(moa_cuda_flags INTERFACE CUDA::cudart CUDA::cublas CUDA::cublasLt)
 
 # The backend translation unit, compiled once: link moa_cuda_backend into any program of this build
 # whose tensors go to Device::cuda (it registers the CUDA kernels at start-up).

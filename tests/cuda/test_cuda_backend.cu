@@ -652,6 +652,123 @@ TEST_CASE("gemm: strided batches, both transposes, padded leading dimensions, al
          moa::MatmulPrecision::highest);
 }
 
+TEST_CASE("gemm_bias: the layer product with its bias, each transpose and precision, unaligned operands") {
+  moa::DeviceBackend& b = be();
+  const std::vector<std::array<int64_t, 3>> shapes{{1, 1, 1}, {7, 33, 1}, {33, 7, 257}, {64, 129, 96}, {128, 96, 64}};
+  for (auto [M, N, K] : shapes)
+    for (int t = 0; t < 4; ++t)
+      for (moa::MatmulPrecision prec :
+           {moa::MatmulPrecision::highest, moa::MatmulPrecision::tf32, moa::MatmulPrecision::bf16})
+        for (int64_t off : {0, 1}) {  // off 1: A, B, bias and C one float past 16-byte alignment
+          const bool ta = t & 1, tb = t & 2;
+          const int64_t lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 1, ldc = N + 2;
+          const int64_t na = (ta ? K : M) * lda, nb = (tb ? N : K) * ldb, nc = M * ldc;
+          std::vector<float> A = rnd(na + off), B = rnd(nb + off), bias = rnd(N + off, -2.f, 2.f);
+          std::vector<float> C(nc + off, std::numeric_limits<float>::quiet_NaN());
+          std::vector<double> Cd(nc);
+          for (int64_t i = 0; i < M; ++i)
+            for (int64_t j = 0; j < N; ++j) Cd[i * ldc + j] = bias[off + j];
+          const std::vector<double> Ad(A.begin() + off, A.end()), Bd(B.begin() + off, B.end());
+          ref::gemm<double>(ta, tb, M, N, K, 1.0, Ad.data(), lda, Bd.data(), ldb, 1.0, Cd.data(), ldc);
+          // error bounds relative to the magnitude |bias| + |A| |B| (a sum may cancel to near zero)
+          std::vector<double> Aabs(Ad), Babs(Bd), mag(nc);
+          for (double& v : Aabs) v = std::fabs(v);
+          for (double& v : Babs) v = std::fabs(v);
+          for (int64_t i = 0; i < M; ++i)
+            for (int64_t j = 0; j < N; ++j) mag[i * ldc + j] = std::fabs(bias[off + j]);
+          ref::gemm<double>(ta, tb, M, N, K, 1.0, Aabs.data(), lda, Babs.data(), ldb, 1.0, mag.data(), ldc);
+          Dev<float> dA(A), dB(B), dbias(bias), dC(C), dC2(C);
+          b.gemm_bias(ta, tb, M, N, K, dA.get() + off, lda, dB.get() + off, ldb, dbias.get() + off, dC.get() + off, ldc,
+                      prec);
+          // the base implementation (bias broadcast, then a beta = 1 product) for comparison
+          b.moa::DeviceBackend::gemm_bias(ta, tb, M, N, K, dA.get() + off, lda, dB.get() + off, ldb, dbias.get() + off,
+                                          dC2.get() + off, ldc, prec);
+          const std::vector<float> got = dC.host(), base = dC2.host();
+          std::vector<float> g_in, base_in;
+          double err = 0, base_err = 0, scale = 0;
+          bool pad_ok = std::isnan(got[0]) || off == 0;
+          for (int64_t i = 0; i < nc; ++i) {
+            if (i % ldc < N) {
+              g_in.push_back(got[off + i]);
+              base_in.push_back(base[off + i]);
+              err = std::max(err, std::fabs(got[off + i] - Cd[i]));  // NaN fails below
+              if (std::isnan(got[off + i])) err = INFINITY;
+              base_err = std::max(base_err, std::fabs(base[off + i] - Cd[i]));
+              if (std::isnan(base[off + i])) base_err = INFINITY;
+              scale = std::max(scale, mag[i]);
+            } else {
+              pad_ok = pad_ok && std::isnan(got[off + i]);
+            }
+          }
+          const double bound = prec == moa::MatmulPrecision::highest ? 1e-5
+                               : prec == moa::MatmulPrecision::tf32  ? 5e-3
+                                                                     : 2e-2;
+          INFO("M ", M, " N ", N, " K ", K, " ta ", ta, " tb ", tb, " precision ", static_cast<int>(prec), " offset ",
+               off, ": error ", err, " (base path ", base_err, ") against magnitude ", scale);
+          CHECK(pad_ok);
+          CHECK(err <= bound * scale);
+          CHECK(base_err <= bound * scale);
+#ifdef MOA_CUDA_EMULATE
+          CHECK(same_bits(g_in, base_in));  // the emulated epilogue adds the bias as the beta = 1 product does
+#endif
+        }
+  // K == 0: every row is the bias; M or N 0: nothing (null pointers are not read).
+  const std::vector<float> bias = rnd(5);
+  Dev<float> dbias(bias), dC(std::vector<float>(4 * 6, std::numeric_limits<float>::quiet_NaN()));
+  b.gemm_bias(false, true, 4, 5, 0, nullptr, 1, nullptr, 1, dbias.get(), dC.get(), 6, moa::MatmulPrecision::bf16);
+  const std::vector<float> got = dC.host();
+  for (int64_t i = 0; i < 4; ++i)
+    for (int64_t j = 0; j < 6; ++j)
+      if (j < 5)
+        CHECK(got[i * 6 + j] == bias[j]);
+      else
+        CHECK(std::isnan(got[i * 6 + j]));
+  b.gemm_bias(false, true, 0, 5, 3, nullptr, 3, nullptr, 3, nullptr, nullptr, 5, moa::MatmulPrecision::highest);
+  b.gemm_bias(false, true, 4, 0, 3, nullptr, 3, nullptr, 3, nullptr, nullptr, 1, moa::MatmulPrecision::highest);
+  CHECK_THROWS_AS(b.gemm_bias(false, true, 4, 5, 3, dC.get(), 3, dC.get(), 3, dbias.get(), dC.get(), 4,
+                              moa::MatmulPrecision::highest),
+                  moa::ShapeError);  // ldc < N
+  CHECK_THROWS_AS(b.gemm_bias(false, true, 4, 5, 3, dC.get(), 2, dC.get(), 3, dbias.get(), dC.get(), 6,
+                              moa::MatmulPrecision::highest),
+                  moa::ShapeError);  // lda < K
+}
+
+#ifdef MOA_CUDA_EMULATE
+TEST_CASE("gemm_bias: cuBLASLt's epilogue where it has an algorithm, the broadcast and product where it has none") {
+  moa::DeviceBackend& b = be();
+  const int64_t M = 9, N = 11, K = 13;
+  const std::vector<float> A = rnd(M * K), W = rnd(N * K), bias = rnd(N);
+  std::vector<double> want(M * N);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) want[i * N + j] = bias[j];
+  const std::vector<double> Ad(A.begin(), A.end()), Wd(W.begin(), W.end());
+  ref::gemm<double>(false, true, M, N, K, 1.0, Ad.data(), K, Wd.data(), K, 1.0, want.data(), N);
+  Dev<float> dA(A), dW(W), db(bias), dC(std::vector<float>(M * N));
+  const long products = moa_emu::lt_matmul_calls, asked = moa_emu::lt_heuristic_calls;
+  b.gemm_bias(false, true, M, N, K, dA.get(), K, dW.get(), K, db.get(), dC.get(), N, moa::MatmulPrecision::highest);
+  b.gemm_bias(false, true, M, N, K, dA.get(), K, dW.get(), K, db.get(), dC.get(), N, moa::MatmulPrecision::highest);
+  CHECK(moa_emu::lt_matmul_calls == products + 2);
+  CHECK(moa_emu::lt_heuristic_calls == asked + 1);  // the plan is kept per shape
+  CHECK_REL(dC.host(), want, 1e-5);
+  // No algorithm for a new shape (N + 1 columns of a wider C): asked once, then the base path each time.
+  moa_emu::lt_heuristic_finds = false;
+  Dev<float> dC2(std::vector<float>(M * (N + 1), std::numeric_limits<float>::quiet_NaN()));
+  for (int rep = 0; rep < 2; ++rep)
+    b.gemm_bias(false, true, M, N, K, dA.get(), K, dW.get(), K, db.get(), dC2.get(), N + 1,
+                moa::MatmulPrecision::highest);
+  moa_emu::lt_heuristic_finds = true;
+  CHECK(moa_emu::lt_matmul_calls == products + 2);
+  CHECK(moa_emu::lt_heuristic_calls == asked + 2);
+  const std::vector<float> got = dC2.host();
+  std::vector<float> in;
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) in.push_back(got[i * (N + 1) + j]);
+    CHECK(std::isnan(got[i * (N + 1) + N]));
+  }
+  CHECK_REL(in, want, 1e-5);
+}
+#endif
+
 // ---- fused kernels ---------------------------------------------------------------------------------------
 TEST_CASE("softmax and log-softmax through the backend: forward and backward") {
   moa::DeviceBackend& b = be();

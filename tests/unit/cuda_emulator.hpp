@@ -30,7 +30,10 @@
 //   - streams exist but everything runs when called (in call order, as on one stream);
 //   - failing calls return CUDA's codes and set the (per host thread) last error;
 //   - cuBLAS products follow the column-major definition with cuBLAS's argument checks, float32
-//     accumulation, and inputs rounded to bf16 (COMPUTE_32F_FAST_16BF) or tf32 (FAST_TF32).
+//     accumulation, and inputs rounded to bf16 (COMPUTE_32F_FAST_16BF) or tf32 (FAST_TF32);
+//   - cuBLASLt: descriptors, layouts, a heuristic that finds one algorithm (or none, when a test
+//     sets moa_emu::lt_heuristic_finds to false) and cublasLtMatmul with the bias epilogue, over the
+//     same emulated product.
 // Not emulated: timing, memory other than shared being on another device (a kernel handed a host
 // pointer reads it here), warp divergence rules beyond "all 32 lanes take part in every collective".
 //
@@ -46,9 +49,11 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <bit>
+#include <climits>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -645,6 +650,203 @@ inline cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperati
                                                  long long sc, int batch, cublasComputeType_t compute,
                                                  cublasGemmAlgo_t) {
   return moa_emu::gemm(h, ta, tb, m, n, k, alpha, A, at, lda, sa, B, bt, ldb, sb, beta, C, ct, ldc, sc, batch, compute);
+}
+
+// ---- cuBLASLt: the one product with an epilogue that moa calls (bias) --------------------------------------
+
+enum cublasLtEpilogue_t { CUBLASLT_EPILOGUE_DEFAULT = 1, CUBLASLT_EPILOGUE_BIAS = 4 };
+enum cublasLtMatmulDescAttributes_t {
+  CUBLASLT_MATMUL_DESC_TRANSA = 3,
+  CUBLASLT_MATMUL_DESC_TRANSB = 4,
+  CUBLASLT_MATMUL_DESC_EPILOGUE = 7,
+  CUBLASLT_MATMUL_DESC_BIAS_POINTER = 8
+};
+enum cublasLtMatmulPreferenceAttributes_t { CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1 };
+struct cublasLtContext {};
+using cublasLtHandle_t = cublasLtContext*;
+struct cublasLtMatmulDescOpaque_t {
+  cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
+  cudaDataType_t scale = CUDA_R_32F;
+  int32_t trans_a = CUBLAS_OP_N, trans_b = CUBLAS_OP_N;
+  uint32_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+  const void* bias = nullptr;
+};
+using cublasLtMatmulDesc_t = cublasLtMatmulDescOpaque_t*;
+struct cublasLtMatrixLayoutOpaque_t {  // column-major, one matrix
+  cudaDataType_t type = CUDA_R_32F;
+  uint64_t rows = 0, cols = 0;
+  int64_t ld = 0;
+};
+using cublasLtMatrixLayout_t = cublasLtMatrixLayoutOpaque_t*;
+struct cublasLtMatmulPreferenceOpaque_t {
+  uint64_t max_workspace = 0;
+};
+using cublasLtMatmulPreference_t = cublasLtMatmulPreferenceOpaque_t*;
+struct cublasLtMatmulAlgo_t {
+  uint64_t data[8];
+};
+struct cublasLtMatmulHeuristicResult_t {
+  cublasLtMatmulAlgo_t algo;
+  size_t workspaceSize;
+  cublasStatus_t state;
+  float wavesCount;
+  int reserved[4];
+};
+
+namespace moa_emu {
+// Whether cublasLtMatmulAlgoGetHeuristic finds an algorithm (a test turns it off to run the callers'
+// fallback), how many times it was asked, and how many products cublasLtMatmul ran.
+inline std::atomic<bool> lt_heuristic_finds{true};
+inline std::atomic<long> lt_heuristic_calls{0}, lt_matmul_calls{0};
+constexpr uint64_t lt_algo_tag = 0x6d6f612d6c74ull;  // marks an algo this emulator returned
+}  // namespace moa_emu
+
+inline cublasStatus_t cublasLtCreate(cublasLtHandle_t* h) {
+  if (!h) return CUBLAS_STATUS_INVALID_VALUE;
+  *h = new cublasLtContext{};
+  return CUBLAS_STATUS_SUCCESS;
+}
+inline cublasStatus_t cublasLtDestroy(cublasLtHandle_t h) {
+  if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+  delete h;
+  return CUBLAS_STATUS_SUCCESS;
+}
+inline cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t* d, cublasComputeType_t compute,
+                                               cudaDataType_t scale) {
+  if (!d || scale != CUDA_R_32F) return CUBLAS_STATUS_INVALID_VALUE;
+  *d = new cublasLtMatmulDescOpaque_t{compute, scale};
+  return CUBLAS_STATUS_SUCCESS;
+}
+inline cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t d) {
+  delete d;
+  return CUBLAS_STATUS_SUCCESS;
+}
+// Each attribute with the size of its documented type (int32_t, uint32_t, a pointer), as cuBLASLt.
+inline cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t a,
+                                                     const void* buf, size_t size) {
+  if (!d || !buf) return CUBLAS_STATUS_INVALID_VALUE;
+  switch (a) {
+    case CUBLASLT_MATMUL_DESC_TRANSA:
+    case CUBLASLT_MATMUL_DESC_TRANSB: {
+      if (size != sizeof(int32_t)) return CUBLAS_STATUS_INVALID_VALUE;
+      int32_t v;
+      std::memcpy(&v, buf, sizeof v);
+      if (v != CUBLAS_OP_N && v != CUBLAS_OP_T) return CUBLAS_STATUS_INVALID_VALUE;
+      (a == CUBLASLT_MATMUL_DESC_TRANSA ? d->trans_a : d->trans_b) = v;
+      return CUBLAS_STATUS_SUCCESS;
+    }
+    case CUBLASLT_MATMUL_DESC_EPILOGUE: {
+      if (size != sizeof(uint32_t)) return CUBLAS_STATUS_INVALID_VALUE;
+      std::memcpy(&d->epilogue, buf, sizeof(uint32_t));
+      return CUBLAS_STATUS_SUCCESS;
+    }
+    case CUBLASLT_MATMUL_DESC_BIAS_POINTER:
+      if (size != sizeof(void*)) return CUBLAS_STATUS_INVALID_VALUE;
+      std::memcpy(&d->bias, buf, sizeof(void*));
+      return CUBLAS_STATUS_SUCCESS;
+  }
+  return CUBLAS_STATUS_INVALID_VALUE;
+}
+inline cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t* l, cudaDataType_t type, uint64_t rows,
+                                                 uint64_t cols, int64_t ld) {
+  if (!l || ld < 1 || (rows > 0 && static_cast<uint64_t>(ld) < rows)) return CUBLAS_STATUS_INVALID_VALUE;
+  *l = new cublasLtMatrixLayoutOpaque_t{type, rows, cols, ld};
+  return CUBLAS_STATUS_SUCCESS;
+}
+inline cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) {
+  delete l;
+  return CUBLAS_STATUS_SUCCESS;
+}
+inline cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t* p) {
+  if (!p) return CUBLAS_STATUS_INVALID_VALUE;
+  *p = new cublasLtMatmulPreferenceOpaque_t{};
+  return CUBLAS_STATUS_SUCCESS;
+}
+inline cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t p) {
+  delete p;
+  return CUBLAS_STATUS_SUCCESS;
+}
+inline cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p,
+                                                           cublasLtMatmulPreferenceAttributes_t a, const void* buf,
+                                                           size_t size) {
+  if (!p || !buf || a != CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES || size != sizeof(uint64_t))
+    return CUBLAS_STATUS_INVALID_VALUE;
+  std::memcpy(&p->max_workspace, buf, sizeof(uint64_t));
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+namespace moa_emu {
+// The shapes of D = op(A) op(B) + C as cuBLASLt checks them: m, n, k, or false when they disagree.
+inline bool lt_shapes(cublasLtMatmulDesc_t d, cublasLtMatrixLayout_t A, cublasLtMatrixLayout_t B,
+                      cublasLtMatrixLayout_t C, cublasLtMatrixLayout_t D, uint64_t& m, uint64_t& n, uint64_t& k) {
+  if (!d || !A || !B || !C || !D) return false;
+  m = D->rows;
+  n = D->cols;
+  k = d->trans_a == CUBLAS_OP_N ? A->cols : A->rows;
+  const uint64_t am = d->trans_a == CUBLAS_OP_N ? A->rows : A->cols;
+  const uint64_t bk = d->trans_b == CUBLAS_OP_N ? B->rows : B->cols, bn = d->trans_b == CUBLAS_OP_N ? B->cols : B->rows;
+  return am == m && bk == k && bn == n && C->rows == m && C->cols == n && C->type == CUDA_R_32F &&
+         D->type == CUDA_R_32F && A->type == B->type && (A->type == CUDA_R_32F || A->type == CUDA_R_16BF) &&
+         (d->epilogue == CUBLASLT_EPILOGUE_DEFAULT || d->epilogue == CUBLASLT_EPILOGUE_BIAS);
+}
+}  // namespace moa_emu
+
+inline cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasLtMatmulDesc_t d,
+                                                     cublasLtMatrixLayout_t A, cublasLtMatrixLayout_t B,
+                                                     cublasLtMatrixLayout_t C, cublasLtMatrixLayout_t D,
+                                                     cublasLtMatmulPreference_t pref, int requested,
+                                                     cublasLtMatmulHeuristicResult_t results[], int* returned) {
+  if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+  if (!pref || requested < 1 || !results || !returned) return CUBLAS_STATUS_INVALID_VALUE;
+  ++moa_emu::lt_heuristic_calls;
+  *returned = 0;
+  uint64_t m = 0, n = 0, k = 0;
+  if (!moa_emu::lt_shapes(d, A, B, C, D, m, n, k)) return CUBLAS_STATUS_INVALID_VALUE;
+  if (!moa_emu::lt_heuristic_finds) return CUBLAS_STATUS_NOT_SUPPORTED;
+  results[0] = {};
+  results[0].algo.data[0] = moa_emu::lt_algo_tag;
+  results[0].workspaceSize = std::min<uint64_t>(pref->max_workspace, 1u << 20);
+  results[0].state = CUBLAS_STATUS_SUCCESS;
+  results[0].wavesCount = 1.f;
+  *returned = 1;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+// D = alpha op(A) op(B) + beta C, then + bias (length m, every column) under CUBLASLT_EPILOGUE_BIAS.
+inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d, const void* alpha, const void* A,
+                                     cublasLtMatrixLayout_t Ad, const void* B, cublasLtMatrixLayout_t Bd,
+                                     const void* beta, const void* C, cublasLtMatrixLayout_t Cd, void* D,
+                                     cublasLtMatrixLayout_t Dd, const cublasLtMatmulAlgo_t* algo, void* workspace,
+                                     size_t workspace_bytes, cudaStream_t) {
+  if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+  uint64_t m = 0, n = 0, k = 0;
+  if (!alpha || !beta || !moa_emu::lt_shapes(d, Ad, Bd, Cd, Dd, m, n, k) || !algo ||
+      algo->data[0] != moa_emu::lt_algo_tag || (workspace_bytes > 0 && !workspace) ||
+      (workspace_bytes > 0 && !moa_emu::is_device_range(workspace, workspace_bytes)) || m > INT_MAX || n > INT_MAX ||
+      k > INT_MAX)
+    return CUBLAS_STATUS_INVALID_VALUE;
+  if (Cd->ld != Dd->ld) return CUBLAS_STATUS_NOT_SUPPORTED;  // moa passes C == D
+  ++moa_emu::lt_matmul_calls;
+  if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
+  const float b = *static_cast<const float*>(beta);
+  float* out = static_cast<float*>(D);
+  if (C != D && b != 0.f) {
+    if (!moa_emu::is_device_range(C, 4 * ((n - 1) * Cd->ld + m)))
+      throw std::logic_error("emulated cuBLASLt: C is not inside one device allocation");
+    for (uint64_t j = 0; j < n; ++j) std::memcpy(out + j * Dd->ld, static_cast<const float*>(C) + j * Cd->ld, 4 * m);
+  }
+  cublasContext blas{};  // the product itself is the emulated cuBLAS one
+  const cublasStatus_t st =
+      moa_emu::gemm(&blas, static_cast<cublasOperation_t>(d->trans_a), static_cast<cublasOperation_t>(d->trans_b),
+                    int(m), int(n), int(k), alpha, A, Ad->type, int(Ad->ld), 0, B, Bd->type, int(Bd->ld), 0, beta, out,
+                    CUDA_R_32F, int(Dd->ld), 0, 1, d->compute);
+  if (st != CUBLAS_STATUS_SUCCESS || d->epilogue != CUBLASLT_EPILOGUE_BIAS) return st;
+  if (!d->bias || !moa_emu::is_device_range(d->bias, 4 * m))
+    throw std::logic_error("emulated cuBLASLt: the bias is not m floats inside one device allocation");
+  const float* bias = static_cast<const float*>(d->bias);
+  for (uint64_t j = 0; j < n; ++j)
+    for (uint64_t i = 0; i < m; ++i) out[i + j * Dd->ld] += bias[i];
+  return CUBLAS_STATUS_SUCCESS;
 }
 
 // ---- launches --------------------------------------------------------------------------------------------

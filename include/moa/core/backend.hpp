@@ -130,6 +130,16 @@ class DeviceBackend {
   virtual void gemm(bool trans_a, bool trans_b, int64_t batch, int64_t M, int64_t N, int64_t K, float alpha,
                     const float* A, int64_t lda, int64_t stride_a, const float* B, int64_t ldb, int64_t stride_b,
                     float beta, float* C, int64_t ldc, int64_t stride_c, MatmulPrecision precision) = 0;
+  // One biased product, the layer's x W^T + b: C = op(A) op(B) + 1 bias^T (C (M, N), row stride ldc;
+  // bias (N) contiguous, added to every row). Base: the bias broadcast into C's rows, then gemm with
+  // beta 1 (a full extra pass over C); backends with a fused epilogue override it.
+  virtual void gemm_bias(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                         const float* B, int64_t ldb, const float* bias, float* C, int64_t ldc,
+                         MatmulPrecision precision) {
+    if (M <= 0 || N <= 0) return;
+    copy_strided(DType::f32, C, {ldc, 1}, DType::f32, bias, {0, 1}, {M, N});
+    gemm(trans_a, trans_b, 1, M, N, K, 1.0f, A, lda, 0, B, ldb, 0, 1.0f, C, ldc, 0, precision);
+  }
 
   // ---- fused transformer kernels (float; semantics of moa/kernels/cpu/*) ------------------------------
   virtual void softmax_forward(bool log, float* y, const float* x, int64_t N, int64_t C) = 0;

@@ -111,6 +111,15 @@ class ProfilingBackend final : public DeviceBackend {
     timed(key, [&] { inner_.gemm(ta, tb, batch, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, precision); },
           2.0 * double(batch) * double(M) * double(N) * double(K));
   }
+  void gemm_bias(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                 int64_t ldb, const float* bias, float* C, int64_t ldc, MatmulPrecision precision) override {
+    static const char* const prec[] = {"f32", "tf32", "bf16"};
+    const std::string key = detail::cat("gemm+bias ", prec[static_cast<int>(precision) % 3], " ", M, "x", N, "x", K,
+                                        ta ? " A^T" : "", tb ? " B^T" : "");
+    timed(
+        key, [&] { inner_.gemm_bias(ta, tb, M, N, K, A, lda, B, ldb, bias, C, ldc, precision); },
+        2.0 * double(M) * double(N) * double(K));
+  }
   void softmax_forward(bool log, float* y, const float* x, int64_t N, int64_t C) override {
     timed("softmax_forward", [&] { inner_.softmax_forward(log, y, x, N, C); });
   }

@@ -219,14 +219,15 @@ inline Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias =
   if (on_device(x)) {
     if (rows > 0 && out_f > 0) {
       DeviceBackend& dev = backend(x.device());
-      float beta = 0.0f;
-      if (bias.defined()) {  // bias rows first (a broadcast copy); the product accumulates onto them
-        dev.copy_strided(DType::f32, out.data_ptr(), {out_f, 1}, DType::f32, bias.data_ptr(), {0, bias.stride(0)},
-                         {rows, out_f});
-        beta = 1.0f;
+      const float* px = static_cast<const float*>(mx.t.data_ptr());
+      if (bias.defined()) {  // one biased product (a fused epilogue where the backend has one)
+        const Tensor bc = bias.contiguous();
+        dev.gemm_bias(mx.trans, true, rows, out_f, in, px, mx.ld, w.data<float>(), in, bc.data<float>(),
+                      out.data<float>(), out_f, matmul_precision());
+      } else {
+        dev.gemm(mx.trans, true, 1, rows, out_f, in, 1.0f, px, mx.ld, 0, w.data<float>(), in, 0, 0.0f,
+                 out.data<float>(), out_f, 0, matmul_precision());
       }
-      dev.gemm(mx.trans, true, 1, rows, out_f, in, 1.0f, static_cast<const float*>(mx.t.data_ptr()), mx.ld, 0,
-               w.data<float>(), in, 0, beta, out.data<float>(), out_f, 0, matmul_precision());
     }
   } else
   detail::dispatch_float(x.dtype(), "linear", [&]<class T>() {

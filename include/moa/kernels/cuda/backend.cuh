@@ -99,7 +99,20 @@ class CudaBackend final : public DeviceBackend {
       float* data = nullptr;  // cos (positions, D/2), then sin (positions, D/2)
     };
     std::vector<RopeTable> rope_tables;
+    // cuBLASLt, for the biased products (gemm_bias): created on first use, guarded by blas_mutex.
+    struct LtPlan {  // one product shape: descriptors and the heuristic's algorithm, or none found
+      bool usable = false;
+      cublasLtMatmulDesc_t desc = nullptr;
+      cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+      cublasLtMatmulAlgo_t algo{};
+      std::size_t workspace = 0;
+    };
+    cublasLtHandle_t lt = nullptr;
+    void* lt_workspace = nullptr;  // kLtWorkspace bytes from `alloc`, kept
+    std::unordered_map<std::vector<uintptr_t>, LtPlan, detail::PointerKeyHash> lt_plans;
   };
+  // cuBLASLt's workspace per device (NVIDIA's recommendation for Hopper).
+  static constexpr std::size_t kLtWorkspace = std::size_t(32) << 20;
 
   CudaBackend() = default;
   CudaBackend(const CudaBackend&) = delete;
@@ -323,13 +336,7 @@ class CudaBackend final : public DeviceBackend {
     detail::check_gemm_args("gemm", trans_a, trans_b, M, N, K, lda, ldb, ldc);
     MOA_CHECK(batch == 1 || (stride_a >= 0 && stride_b >= 0), ShapeError,
               "gemm: expected non-negative batch strides, got stride_a ", stride_a, ", stride_b ", stride_b);
-    cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
-    switch (precision) {
-      case MatmulPrecision::highest: compute = CUBLAS_COMPUTE_32F; break;
-      case MatmulPrecision::tf32: compute = CUBLAS_COMPUTE_32F_FAST_TF32; break;
-      case MatmulPrecision::bf16: compute = CUBLAS_COMPUTE_32F_FAST_16BF; break;
-      default: throw ValueError(::moa::detail::cat("gemm: unknown precision ", static_cast<int>(precision)));
-    }
+    const cublasComputeType_t compute = compute_type(precision, "gemm");
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands, keep the flags.
     std::lock_guard<std::mutex> lock(s.blas_mutex);
     MOA_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
@@ -338,6 +345,38 @@ class CudaBackend final : public DeviceBackend {
         static_cast<long long>(stride_b), A, CUDA_R_32F, static_cast<int>(lda), static_cast<long long>(stride_a), &beta,
         C, CUDA_R_32F, static_cast<int>(ldc), static_cast<long long>(stride_c), static_cast<int>(batch), compute,
         CUBLAS_GEMM_DEFAULT));
+  }
+
+  // The layer product with its bias in cuBLASLt's epilogue: C is written once, where the base
+  // implementation writes the broadcast bias and then reads it back in a beta = 1 product. Shapes the
+  // heuristic finds no algorithm for (remembered per shape and pointer alignment) take the base path.
+  void gemm_bias(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                 const float* B, int64_t ldb, const float* bias, float* C, int64_t ldc,
+                 MatmulPrecision precision) override {
+    constexpr int64_t imax = INT_MAX;
+    MOA_CHECK(M >= 0 && M <= imax && N >= 0 && N <= imax && K >= 0 && K <= imax, ShapeError,
+              "gemm_bias: expected M, N, K in [0, 2^31), got M ", M, ", N ", N, ", K ", K);
+    if (M == 0 || N == 0) return;
+    MOA_CHECK(bias != nullptr, ValueError, "gemm_bias: expected a bias pointer, got null");
+    MOA_CHECK(ldc >= N && ldc <= imax, ShapeError, "gemm_bias: expected ldc >= N (", N, ") and below 2^31, got ", ldc);
+    if (K > 0) {
+      detail::check_gemm_args("gemm_bias", trans_a, trans_b, M, N, K, lda, ldb, ldc);
+      DeviceState& s = activate_for(C, "gemm_bias");
+      std::lock_guard<std::mutex> lock(s.blas_mutex);
+      if (LtPlan* plan = lt_plan(s, trans_a, trans_b, M, N, K, A, lda, B, ldb, bias, C, ldc, precision)) {
+        MOA_CUBLAS_CHECK(
+            cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+        const float one = 1.0f, zero = 0.0f;
+        // Column-major C^T = op(B)^T op(A)^T, as in gemm; the bias runs along C^T's rows (N of them).
+        const cublasStatus_t st = cublasLtMatmul(s.lt, plan->desc, &one, B, plan->a, A, plan->b, &zero, C, plan->c, C,
+                                                 plan->c, &plan->algo, s.lt_workspace, plan->workspace, s.stream);
+        if (st == CUBLAS_STATUS_SUCCESS) return;
+        if (st != CUBLAS_STATUS_NOT_SUPPORTED)
+          detail::throw_cublas(st, "cublasLtMatmul(bias epilogue)", __FILE__, __LINE__);
+        plan->usable = false;  // refused at run time: this shape takes the base path from now on
+      }
+    }
+    DeviceBackend::gemm_bias(trans_a, trans_b, M, N, K, A, lda, B, ldb, bias, C, ldc, precision);
   }
 
   // ---- fused transformer kernels -------------------------------------------------------------------------------
@@ -581,6 +620,75 @@ class CudaBackend final : public DeviceBackend {
  private:
   // A block of the device's allocator for the duration of one call (released when the call has
   // queued its work: later work on the stream runs after it).
+  using LtPlan = DeviceState::LtPlan;
+
+  static cublasComputeType_t compute_type(MatmulPrecision precision, const char* op) {
+    switch (precision) {
+      case MatmulPrecision::highest: return CUBLAS_COMPUTE_32F;
+      case MatmulPrecision::tf32: return CUBLAS_COMPUTE_32F_FAST_TF32;
+      case MatmulPrecision::bf16: return CUBLAS_COMPUTE_32F_FAST_16BF;
+    }
+    throw ValueError(::moa::detail::cat(op, ": unknown precision ", static_cast<int>(precision)));
+  }
+
+  // The cuBLASLt plan of a biased product (caller holds s.blas_mutex), or null when cuBLASLt has no
+  // algorithm for it. Keyed by the shape, the precision and which pointers are 16-byte aligned (the
+  // heuristic's choice depends on the alignment it sees).
+  LtPlan* lt_plan(DeviceState& s, bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                  const float* B, int64_t ldb, const float* bias, const float* C, int64_t ldc,
+                  MatmulPrecision precision) {
+    const auto aligned = [](const void* p) { return uintptr_t(reinterpret_cast<uintptr_t>(p) % 16 == 0); };
+    const uintptr_t flags = uintptr_t(ta) | uintptr_t(tb) << 1 | uintptr_t(precision) << 2 | aligned(A) << 4 |
+                            aligned(B) << 5 | aligned(bias) << 6 | aligned(C) << 7;
+    std::vector<uintptr_t> key{flags,          uintptr_t(M),   uintptr_t(N),  uintptr_t(K),
+                               uintptr_t(lda), uintptr_t(ldb), uintptr_t(ldc)};
+    auto it = s.lt_plans.find(key);
+    if (it != s.lt_plans.end()) return it->second.usable ? &it->second : nullptr;
+    const cublasComputeType_t compute = compute_type(precision, "gemm_bias");
+    if (!s.lt) MOA_CUBLAS_CHECK(cublasLtCreate(&s.lt));
+    if (!s.lt_workspace) s.lt_workspace = s.alloc.allocate(kLtWorkspace, s.stream);
+    LtPlan plan;
+    try {
+      MOA_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, compute, CUDA_R_32F));
+      const int32_t op_a = tb ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+      const uint32_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+      MOA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
+      MOA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
+      MOA_CUBLAS_CHECK(
+          cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+      MOA_CUBLAS_CHECK(
+          cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+      // Column-major views of the row-major operands: cuBLASLt's A is our B, its B our A, its D C^T.
+      MOA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_32F, tb ? K : N, tb ? N : K, ldb));
+      MOA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_32F, ta ? M : K, ta ? K : M, lda));
+      MOA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.c, CUDA_R_32F, N, M, ldc));
+      cublasLtMatmulPreference_t pref = nullptr;
+      MOA_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+      const uint64_t max_ws = kLtWorkspace;
+      cublasLtMatmulHeuristicResult_t result{};
+      int found = 0;
+      cublasStatus_t st =
+          cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &max_ws, sizeof(max_ws));
+      if (st == CUBLAS_STATUS_SUCCESS)
+        st = cublasLtMatmulAlgoGetHeuristic(s.lt, plan.desc, plan.a, plan.b, plan.c, plan.c, pref, 1, &result, &found);
+      cublasLtMatmulPreferenceDestroy(pref);
+      if (st != CUBLAS_STATUS_SUCCESS && st != CUBLAS_STATUS_NOT_SUPPORTED)
+        detail::throw_cublas(st, "cublasLtMatmulAlgoGetHeuristic(bias epilogue)", __FILE__, __LINE__);
+      plan.usable = st == CUBLAS_STATUS_SUCCESS && found > 0 && result.state == CUBLAS_STATUS_SUCCESS &&
+                    result.workspaceSize <= kLtWorkspace;
+      plan.algo = result.algo;
+      plan.workspace = result.workspaceSize;
+    } catch (...) {
+      if (plan.a) cublasLtMatrixLayoutDestroy(plan.a);
+      if (plan.b) cublasLtMatrixLayoutDestroy(plan.b);
+      if (plan.c) cublasLtMatrixLayoutDestroy(plan.c);
+      if (plan.desc) cublasLtMatmulDescDestroy(plan.desc);
+      throw;
+    }
+    LtPlan& stored = s.lt_plans.emplace(std::move(key), plan).first->second;
+    return stored.usable ? &stored : nullptr;
+  }
+
   class Scratch {
    public:
     Scratch(DeviceState& s, std::size_t nbytes) : s_(&s), p_(nbytes ? s.alloc.allocate(nbytes, s.stream) : nullptr) {}

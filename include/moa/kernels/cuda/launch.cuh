@@ -8,12 +8,14 @@
 //   MOA_CUDA_DYNAMIC_SMEM(name)                                    extern __shared__ unsigned char name[] (128-aligned)
 //
 // (A template kernel whose arguments hold a comma goes in parentheses: MOA_CUDA_LAUNCH((k<A, B>), ...).)
-// It also brings in the CUDA runtime, cuBLAS and bf16 headers; under the emulator, nothing: the
-// emulator declares the part of those APIs that moa uses (memory, streams, errors, cuBLAS products).
+// It also brings in the CUDA runtime, cuBLAS, cuBLASLt and bf16 headers; under the emulator, nothing: the
+// emulator declares the part of those APIs that moa uses (memory, streams, errors, cuBLAS and cuBLASLt
+// products).
 #pragma once
 
 #ifndef MOA_CUDA_EMULATE
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
