@@ -15,15 +15,25 @@ namespace moa::kernels::cuda {
 
 namespace detail {
 
-// Row maximum and log(sum(exp(x - max))) + max, computed by the whole block.
+// log(sum(exp(x))) of a row, computed by the whole block in one pass over memory (the online
+// softmax): each thread keeps a running maximum m and its sum of exp(x - m), rescaled when m grows;
+// the block then rescales every thread's sum to the row maximum. -inf entries add nothing; a NaN,
+// two +inf, or a row of -inf only give NaN, as the two-pass reference (exp(inf - inf)).
 __device__ __forceinline__ float row_logsumexp(const float* x, int64_t C, float* shared) {
-  float m = -INFINITY;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) m = fmaxf(m, x[c]);
-  m = block_max(m, shared);
-  float s = 0.f;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) s += expf(x[c] - m);
-  s = block_sum(s, shared);
-  return m + logf(s);
+  float m = -INFINITY, s = 0.f;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    const float v = x[c];
+    if (v > m) {
+      s = s * expf(m - v) + 1.f;  // first value: 0 * exp(-inf) + 1
+      m = v;
+    } else if (v != -INFINITY) {
+      s += expf(v - m);
+    }
+  }
+  const float row_max = block_max(m, shared);
+  s = block_sum(s == 0.f ? 0.f : s * expf(m - row_max), shared);
+  if (row_max == -INFINITY) return C > 0 ? NAN : -INFINITY;
+  return row_max + logf(s);
 }
 
 template <bool Log>
