@@ -12,6 +12,10 @@
 # configures and builds without a GPU (a check of the script itself), MOA_GPU_CMAKE_ARGS adds
 # configure arguments (e.g. -DCMAKE_SYSTEM_IGNORE_PREFIX_PATH=/usr to build as on a bare machine).
 #
+# `bash bench/gpu_prebuild.sh` here builds the four binaries into .gpu-prebuilt/ beforehand (nvcc
+# needs no GPU); carried along, they are run without a build when they match the source (saves the
+# build's minutes of device time).
+#
 # It configures the moa tree itself when tests/CMakeLists.txt includes tests/cuda; otherwise (or
 # when the full tree cannot configure here, e.g. a dependency of the CPU build is missing) it uses a
 # small wrapper project that includes only tests/cuda/CMakeLists.txt.
@@ -27,6 +31,7 @@ t0=$(date +%s)
 step() { printf '\n== %s (%ds)\n' "$1" $(( $(date +%s) - t0 )); }
 
 build_only=${MOA_GPU_CHECK_BUILD_ONLY:-0}  # 1: configure and build only (checks the script without a GPU)
+build_timeout=${MOA_GPU_BUILD_TIMEOUT:-300}  # seconds per build command (bench/gpu_prebuild.sh on 2 cores needs more)
 extra_cmake_args=(${MOA_GPU_CMAKE_ARGS:-})
 if [ "$build_only" != 1 ]; then
   if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
@@ -57,14 +62,47 @@ if compgen -G ".gpu-deps/*.deb" >/dev/null; then
   echo "gpu_check: using the packages of .gpu-deps/ ($(ls .gpu-deps | tr '\n' ' '))"
 fi
 
+# Binaries built beforehand by bench/gpu_prebuild.sh (on a machine without a GPU, from this same
+# source) are run as they are: no configure or build here. They are skipped when the source differs
+# from theirs, or when this machine lacks a library they link (another CUDA version).
+prebuilt=${MOA_GPU_PREBUILT:-.gpu-prebuilt}
+prebuilt_ok=0
+if [ "$build_only" != 1 ] && [ -f "$prebuilt/SOURCE" ]; then
+  if [ "$(cat "$prebuilt/SOURCE")" != "$(bash bench/gpu_prebuild.sh --source-hash)" ]; then
+    echo "gpu_check: $prebuilt/ was built from other source; building here"
+  elif ldd "$prebuilt"/moa_cuda_tests "$prebuilt"/moa_cuda_device_tests "$prebuilt"/bench_cuda \
+        "$prebuilt"/bench_cuda_lm 2>&1 | grep -q 'not found'; then
+    echo "gpu_check: $prebuilt/ needs libraries this machine lacks; building here"
+  else
+    prebuilt_ok=1
+  fi
+fi
+
+if [ "$prebuilt_ok" = 1 ]; then
+  echo "gpu_check: running the binaries of $prebuilt/ (built from this source: $(cat "$prebuilt/SOURCE"))"
+  build_s=0
+  lib_ok=1
+  step "moa_cuda_tests and moa_cuda_device_tests"
+  tests_rc=0
+  for t in moa_cuda_tests moa_cuda_device_tests; do
+    timeout 300 "$prebuilt/$t"
+    rc=$?
+    echo "gpu_check: $t exited with $rc"
+    [ "$rc" = 0 ] || tests_rc=$rc  # 77: no CUDA device seen, a skip, not a pass
+  done
+  bench_bin="$prebuilt/bench_cuda"
+  lm_bin="$prebuilt/bench_cuda_lm"
+else
+
 step "configure (Release, CUDA architectures $arch)"
 configured=0
+mkdir -p "$build"
 if grep -qs 'add_subdirectory(cuda)' tests/CMakeLists.txt; then
   if timeout 120 cmake -S . -B "$build" "${extra_cmake_args[@]}" -DCMAKE_BUILD_TYPE=Release -DMOA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch" \
-      -DMOA_BUILD_EXAMPLES=OFF -DMOA_BUILD_BENCH=OFF -DMOA_HEADER_COMPILE=OFF -DMOA_PACKAGE_TESTS=OFF >"$build.configure.log" 2>&1; then
+      -DMOA_BUILD_EXAMPLES=OFF -DMOA_BUILD_BENCH=OFF -DMOA_HEADER_COMPILE=OFF -DMOA_PACKAGE_TESTS=OFF >"$build/configure.log" 2>&1; then
     configured=1
   else
-    echo "gpu_check: the moa tree did not configure here (see $build.configure.log); using the wrapper project"
+    echo "gpu_check: the moa tree did not configure here (see $build/configure.log); using the wrapper project"
   fi
 fi
 if [ "$configured" = 0 ]; then
@@ -96,10 +134,10 @@ fi
 step "build moa_cuda_tests, moa_cuda_device_tests, bench_cuda and bench_cuda_lm"
 tb=$(date +%s)
 # The kernel tests and benchmark first: they need nothing but CUDA and doctest.
-timeout 300 cmake --build "$build" -j"$jobs" --target moa_cuda_tests bench_cuda || { echo "gpu_check: build failed" >&2; exit 1; }
+timeout "$build_timeout" cmake --build "$build" -j"$jobs" --target moa_cuda_tests bench_cuda || { echo "gpu_check: build failed" >&2; exit 1; }
 # The library on the GPU (needs the headers of nlohmann-json and zlib as well).
 lib_ok=1
-timeout 300 cmake --build "$build" -j"$jobs" --target moa_cuda_device_tests bench_cuda_lm || {
+timeout "$build_timeout" cmake --build "$build" -j"$jobs" --target moa_cuda_device_tests bench_cuda_lm || {
   lib_ok=0; echo "gpu_check: moa_cuda_device_tests / bench_cuda_lm did not build here (see above)" >&2; }
 build_s=$(( $(date +%s) - tb ))
 if [ "$build_only" = 1 ]; then
@@ -115,15 +153,17 @@ tests_rc=${PIPESTATUS[0]}
 # A skip (exit 77: the binary saw no device) is not a pass on a machine that has a GPU.
 if [ "$tests_rc" = 0 ] && grep -q 'Skipped' "$ctest_log"; then tests_rc=77; fi
 
-step "bench_cuda"
 bench_bin=$(find "$build" -name bench_cuda -type f -perm -u+x | head -1)
+lm_bin=$(find "$build" -name bench_cuda_lm -type f -perm -u+x | head -1)
+fi  # prebuilt or built here
+
+step "bench_cuda"
 bench_out=$(timeout 180 "$bench_bin" 2>&1)
 bench_rc=$?
 lm_out="(bench_cuda_lm not built)"
 lm_rc=1
 if [ "$lib_ok" = 1 ]; then
   step "bench_cuda_lm (GPT-2 124M shape, batch 16 x 512)"
-  lm_bin=$(find "$build" -name bench_cuda_lm -type f -perm -u+x | head -1)
   lm_out=$(timeout 240 "$lm_bin" --batch 16 --seq 512 --steps 10 2>&1)
   lm_rc=$?
 fi
