@@ -58,6 +58,24 @@ int main() {
     moa::optim::AdamW opt(model.trainable_parameters(), {.lr = 1e-4});
     profile("LoRA step, 72 adapters, batch 2 x 32", opt, [&] { return model.loss(x, y); }, dev);
   }
+  {  // the paper's models are Llama-shaped: RoPE, SwiGLU, RMSNorm, no biases, untied head
+    moa::nn::TransformerConfig lc = moa::nn::TransformerConfig::llama();
+    lc.dim = 64;
+    lc.n_layers = 12;
+    lc.n_heads = 4;
+    lc.n_kv_heads = 2;
+    lc.hidden_dim = 176;
+    lc.vocab_size = 512;
+    lc.max_seq_len = 64;
+    const auto [x, y] = batch(2, 32, lc.vocab_size, dev);
+    moa::nn::TransformerLM model(lc, 1);
+    model.to(dev);
+    moa::lora::attach_lora(model, "r16", {.rank = 16, .alpha = 32, .target_modules = "all-linear"}, 3);
+    moa::optim::AdamW opt(model.trainable_parameters(), {.lr = 1e-4});
+    profile(
+        "Llama-shaped LoRA step (12 layers, GQA 4/2 heads, RoPE), batch 2 x 32", opt, [&] { return model.loss(x, y); },
+        dev);
+  }
   {
     const int64_t B = 4;
     const auto [x, y] = batch(B, 32, c.vocab_size, dev);

@@ -553,6 +553,46 @@ TEST_CASE("unary and unary_backward: every UnaryOp, odd sizes, in place") {
   b.unary_backward(UnaryOp::exp, 0.0, nullptr, nullptr, nullptr, nullptr, 0);
 }
 
+TEST_CASE("swiglu_forward / swiglu_backward: one pass each, as the unary and binary calls they replace") {
+  moa::DeviceBackend& b = be();
+  for (int64_t n : {1, 7, 1000, 100003}) {
+    INFO("n ", n);
+    const std::vector<float> g = rnd(n, -8.f, 8.f), u = rnd(n, -2.f, 2.f), dy = rnd(n);
+    std::vector<double> yr(n), dgr(n), dur(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const double gi = g[i], s = gi / (1.0 + std::exp(-gi)), sig = 1.0 / (1.0 + std::exp(-gi));
+      yr[i] = s * u[i];
+      dur[i] = double(dy[i]) * s;
+      dgr[i] = double(dy[i]) * u[i] * sig * (1.0 + gi * (1.0 - sig));
+    }
+    Dev<float> dg_in(g), du_in(u), ddy(dy), y(n), y2(n), dg(n), du(n), dg2(n), du2(n), only(n);
+    b.swiglu_forward(y.get(), dg_in.get(), du_in.get(), n);
+    b.swiglu_backward(dg.get(), du.get(), ddy.get(), dg_in.get(), du_in.get(), n);
+    CHECK_REL(y.host(), yr, 2e-6);
+    CHECK_REL(dg.host(), dgr, 4e-6);
+    CHECK_REL(du.host(), dur, 2e-6);
+    // the base implementation (silu, then mul; mul, then silu's backward): the same float products
+    b.moa::DeviceBackend::swiglu_forward(y2.get(), dg_in.get(), du_in.get(), n);
+    b.moa::DeviceBackend::swiglu_backward(dg2.get(), du2.get(), ddy.get(), dg_in.get(), du_in.get(), n);
+#ifdef MOA_CUDA_EMULATE
+    CHECK(same_bits(y.host(), y2.host()));
+    CHECK(same_bits(dg.host(), dg2.host()));
+    CHECK(same_bits(du.host(), du2.host()));
+#else
+    CHECK_REL(y2.host(), yr, 2e-6);
+    CHECK_REL(dg2.host(), dgr, 4e-6);
+    CHECK_REL(du2.host(), dur, 2e-6);
+#endif
+    // one gradient only
+    b.swiglu_backward(only.get(), nullptr, ddy.get(), dg_in.get(), du_in.get(), n);
+    CHECK(same_bits(only.host(), dg.host()));
+    b.swiglu_backward(nullptr, only.get(), ddy.get(), dg_in.get(), du_in.get(), n);
+    CHECK(same_bits(only.host(), du.host()));
+  }
+  b.swiglu_forward(nullptr, nullptr, nullptr, 0);
+  b.swiglu_backward(nullptr, nullptr, nullptr, nullptr, nullptr, 0);
+}
+
 TEST_CASE("sum_rows: warp, block and split kernels; sum_squares in double") {
   moa::DeviceBackend& b = be();
   const std::vector<std::array<int64_t, 2>> shapes{{1, 1},     {7, 33},   {33, 1000}, {100000, 3},
@@ -1050,6 +1090,32 @@ TEST_CASE("rope: bit-identical to moa/ops/rope.hpp's float arithmetic, both sign
       CHECK_REL(dx.host(), x, 1e-6);
     }
   b.rope(nullptr, nullptr, 3, 0, 8, 0, 10000.0, 1);
+}
+
+TEST_CASE("rope_heads: strided heads (a projection output's) read and written in place, bit-identical") {
+  moa::DeviceBackend& b = be();
+  for (auto [B, H, T, D, start] :
+       std::vector<std::array<int64_t, 5>>{{2, 3, 7, 8, 0}, {1, 4, 33, 64, 5}, {3, 1, 2, 6, 9}})
+    for (int sign : {1, -1}) {
+      INFO("B ", B, " H ", H, " T ", T, " D ", D, " start ", start, " sign ", sign);
+      const int64_t n = B * H * T * D;
+      const std::vector<float> x = rnd(n, -3.f, 3.f);
+      const std::vector<float> want = rope_host(x, B * H, T, D, start, 10000.0, sign);
+      moa_test::StridedHeads xs(x, B, H, T, D, 3), ys(B, H, T, D, 5);
+      Dev<float> dxs(xs.buf), dys(ys.buf), dc(n);
+      // strided -> contiguous, contiguous -> strided, strided in place
+      b.rope_heads(dc.get(), {}, dxs.get(), xs.layout, B, H, T, D, start, 10000.0, sign);
+      CHECK(same_bits(dc.host(), want));
+      Dev<float> dx(x);
+      b.rope_heads(dys.get(), ys.layout, dx.get(), {}, B, H, T, D, start, 10000.0, sign);
+      ys.buf = dys.host();
+      CHECK(same_bits(ys.gather(), want));
+      CHECK(ys.gaps_untouched());
+      b.rope_heads(dxs.get(), xs.layout, dxs.get(), xs.layout, B, H, T, D, start, 10000.0, sign);
+      xs.buf = dxs.host();
+      CHECK(same_bits(xs.gather(), want));
+      CHECK(xs.gaps_untouched());
+    }
 }
 
 TEST_CASE("adamw_step: bit-identical to moa::optim::AdamW::step's float arithmetic") {

@@ -242,11 +242,11 @@ class MockDevice final : public DeviceBackend {
     kernels::cpu::attention_backward<float>(host(dq), host(dk), host(dv), host(dout), host(q), host(k), host(v),
                                             host(out), host(lse), d.B, d.Hq, d.Hkv, d.Tq, d.Tk, d.D, scale, d.layout);
   }
-  void rope(float* y, const float* x, int64_t BH, int64_t T, int64_t D, int64_t start, double theta,
-            int sign) override {
+  void rope_heads(float* y, const HeadLayout& yl, const float* x, const HeadLayout& xl, int64_t B, int64_t H, int64_t T,
+                  int64_t D, int64_t start, double theta, int sign) override {
     std::vector<double> c, s;
     detail::rope_tables(T, D, start, theta, c, s);
-    detail::rope_apply<float>(host(x), host(y), BH, T, D, c, s, sign);
+    detail::rope_apply<float>(host(x), xl, host(y), yl, B, H, T, D, c, s, sign);
   }
   void adamw_step(float* w, float* m, float* v, const float* g, int64_t n, double lr, double beta1, double beta2,
                   double eps, double wd, int64_t step) override {

@@ -47,6 +47,55 @@ TEST_CASE("rope: rotation against its formula, gradient, inverse") {
   test::check_throws_with<ShapeError>([&] { (void)rope(Tensor::zeros({1, 1, 2, 5})); }, {"rope", "D even", "[1, 1, 2, 5]"});
 }
 
+TEST_CASE("rope on projection heads: read in place, output token-major, values and gradients as the contiguous run") {
+  Generator g(4);
+  const int64_t B = 2, T = 5, H = 3, D = 8;
+  const Tensor proj = Tensor::randn({B, T, H * D}, g);
+  const Tensor w = Tensor::randn({B, H, T, D}, g);  // a loss weight per output element
+  auto run = [&](bool contiguous_input) {
+    Tensor p = proj.clone().set_requires_grad();
+    Tensor heads = p.view({B, T, H, D}).transpose(1, 2);  // (B, H, T, D), rows token-major
+    if (contiguous_input) heads = heads.contiguous();
+    Tensor y = rope(heads, 3);
+    Tensor loss = sum(mul(y, w));
+    loss.backward();
+    return std::pair<Tensor, Tensor>{y, p.grad()};
+  };
+  const auto [y_view, g_view] = run(false);
+  const auto [y_copy, g_copy] = run(true);
+  CHECK(y_view.to_vector<float>() == y_copy.to_vector<float>());
+  CHECK(g_view.to_vector<float>() == g_copy.to_vector<float>());
+  CHECK(y_view.transpose(1, 2).is_contiguous());  // merging the heads is a view
+  CHECK_FALSE(y_copy.transpose(1, 2).is_contiguous());
+  CHECK(g_view.is_contiguous());
+}
+
+TEST_CASE("swiglu: silu(gate) * up in one op, the unfused float arithmetic exactly, gradients, errors") {
+  Generator gen(5);
+  const Tensor g0 = scale(Tensor::randn({3, 7, 33}, gen), 4.0), u0 = Tensor::randn({3, 7, 33}, gen);
+  auto run = [&](bool fused) {
+    Tensor g = g0.clone().set_requires_grad(), u = u0.clone().set_requires_grad();
+    Tensor y = fused ? swiglu(g, u) : silu(g) * u;
+    sum(y * y).backward();
+    return std::vector<std::vector<float>>{y.to_vector<float>(), g.grad().to_vector<float>(),
+                                           u.grad().to_vector<float>()};
+  };
+  const auto fused = run(true), plain = run(false);
+  for (int i = 0; i < 3; ++i) CHECK(fused[i] == plain[i]);
+  Tensor gd = Tensor::randn({2, 5}, gen, DType::f64).set_requires_grad(),
+         ud = Tensor::randn({2, 5}, gen, DType::f64).set_requires_grad();
+  const auto r = autograd::gradcheck([](auto& in) { return swiglu(in[0], in[1]); }, {gd, ud});
+  INFO(r.message);
+  CHECK(r.ok);
+  test::check_throws_with<ShapeError>(
+      [&] {
+        (void)swiglu(Tensor::zeros({2, 3}), Tensor::zeros({3, 2}));
+      },
+      {"swiglu", "[2, 3]", "[3, 2]"});
+  test::check_throws_with<ValueError>([&] { (void)swiglu(Tensor::zeros({2}), Tensor::zeros({2}, DType::f64)); },
+                                      {"swiglu", "f32", "f64"});
+}
+
 TEST_CASE("modules: dotted names, counts, state dict round trip, freezing, train/eval") {
   nn::TransformerLM gpt(tiny(false), 7);
   const auto names = gpt.named_parameters();

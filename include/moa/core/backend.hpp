@@ -117,6 +117,25 @@ class DeviceBackend {
   // gx = g * f'(x) elementwise; y = f(x) is given too (some derivatives read it).
   virtual void unary_backward(UnaryOp op, double p, float* gx, const float* g, const float* x, const float* y,
                               int64_t n) = 0;
+  // SwiGLU's gated product y = silu(g) * u over n contiguous values (y a buffer of its own), and its
+  // backward dg = dy * u * silu'(g), du = dy * silu(g) (either may be null). Base: unary and binary
+  // calls in the order of silu(g) * u; backends with a fused kernel override them.
+  virtual void swiglu_forward(float* y, const float* g, const float* u, int64_t n) {
+    if (n <= 0) return;
+    unary(UnaryOp::silu, 0, y, g, n);
+    binary(BinaryOp::mul, y, {n}, y, {1}, u, {1});
+  }
+  virtual void swiglu_backward(float* dg, float* du, const float* dy, const float* g, const float* u, int64_t n) {
+    if (n <= 0) return;
+    if (du) {
+      unary(UnaryOp::silu, 0, du, g, n);
+      binary(BinaryOp::mul, du, {n}, dy, {1}, du, {1});
+    }
+    if (dg) {
+      binary(BinaryOp::mul, dg, {n}, dy, {1}, u, {1});
+      unary_backward(UnaryOp::silu, 0, dg, dg, g, g, n);  // silu' reads x only: g stands in for y
+    }
+  }
   // out[r] = scale * sum_c x[r, c], x (rows, cols).
   virtual void sum_rows(float* out, const float* x, int64_t rows, int64_t cols, double scale) = 0;
   // sum over all buffers of sum_i x[i]^2, in double, returned to the host: one synchronisation for
@@ -173,10 +192,15 @@ class DeviceBackend {
   virtual void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q, const float* k,
                                   const float* v, const float* out, const float* lse, const AttentionDims& d,
                                   float scale) = 0;
-  // y = R x (sign +1) or R^T x (sign -1), x and y (BH, T, D); positions start .. start + T - 1;
+  // y = R x (sign +1) or R^T x (sign -1), x and y (B, H, T, D) in their layouts (rows of D
+  // contiguous; default: contiguous); y may be x with the same layout. Positions start .. start + T - 1;
   // angles p * theta^(-2i/D) computed in double (as moa/ops/rope.hpp).
-  virtual void rope(float* y, const float* x, int64_t BH, int64_t T, int64_t D, int64_t start, double theta,
-                    int sign) = 0;
+  virtual void rope_heads(float* y, const HeadLayout& y_layout, const float* x, const HeadLayout& x_layout, int64_t B,
+                          int64_t H, int64_t T, int64_t D, int64_t start, double theta, int sign) = 0;
+  // The contiguous (BH, T, D) form.
+  void rope(float* y, const float* x, int64_t BH, int64_t T, int64_t D, int64_t start, double theta, int sign) {
+    rope_heads(y, {}, x, {}, 1, BH, T, D, start, theta, sign);
+  }
 
   // ---- optimiser ------------------------------------------------------------------------------------
   // One AdamW update of n values, exactly the arithmetic of moa::optim::AdamW::step (step counts from 1).

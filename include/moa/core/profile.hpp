@@ -94,6 +94,12 @@ class ProfilingBackend final : public DeviceBackend {
                       int64_t n) override {
     timed("unary_backward", [&] { inner_.unary_backward(op, p, gx, g, x, y, n); });
   }
+  void swiglu_forward(float* y, const float* g, const float* u, int64_t n) override {
+    timed("swiglu_forward", [&] { inner_.swiglu_forward(y, g, u, n); });
+  }
+  void swiglu_backward(float* dg, float* du, const float* dy, const float* g, const float* u, int64_t n) override {
+    timed("swiglu_backward", [&] { inner_.swiglu_backward(dg, du, dy, g, u, n); });
+  }
   void sum_rows(float* out, const float* x, int64_t rows, int64_t cols, double scale) override {
     timed("sum_rows", [&] { inner_.sum_rows(out, x, rows, cols, scale); });
   }
@@ -168,9 +174,9 @@ class ProfilingBackend final : public DeviceBackend {
     timed("attention_backward", [&] { inner_.attention_backward(dq, dk, dv, dout, q, k, v, out, lse, d, scale); },
           2.5 * 4.0 * double(d.B * d.Hq) * double(d.Tq) * double(d.Tk) * double(d.D) / 2);
   }
-  void rope(float* y, const float* x, int64_t BH, int64_t T, int64_t D, int64_t start, double theta,
-            int sign) override {
-    timed("rope", [&] { inner_.rope(y, x, BH, T, D, start, theta, sign); });
+  void rope_heads(float* y, const HeadLayout& yl, const float* x, const HeadLayout& xl, int64_t B, int64_t H, int64_t T,
+                  int64_t D, int64_t start, double theta, int sign) override {
+    timed("rope", [&] { inner_.rope_heads(y, yl, x, xl, B, H, T, D, start, theta, sign); });
   }
   void adamw_step(float* w, float* m, float* v, const float* g, int64_t n, double lr, double b1, double b2,
                   double eps, double wd, int64_t step) override {

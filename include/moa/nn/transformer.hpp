@@ -60,7 +60,7 @@ class MLP : public Module {
   // (B, T, C) -> (B, T, C)
   Tensor forward(const Tensor& x) {
     if (kind_ == MlpKind::gelu) return proj->forward(gelu(fc->forward(x)));
-    return down_proj->forward(silu(gate_proj->forward(x)) * up_proj->forward(x));
+    return down_proj->forward(swiglu(gate_proj->forward(x), up_proj->forward(x)));
   }
   std::shared_ptr<Linear> fc, proj, gate_proj, up_proj, down_proj;
 

@@ -275,6 +275,62 @@ inline Tensor silu(const Tensor& x) {
       [](auto v, auto) { return kernels::reference::silu_grad(v); });
 }
 
+// SwiGLU's gated product silu(gate) * up (Llama's MLP) in one pass, with a one-pass backward: the
+// float arithmetic of silu(gate) * up without its intermediate tensor. gate and up: one shape.
+inline Tensor swiglu(const Tensor& gate, const Tensor& up) {
+  MOA_CHECK(gate.defined() && up.defined(), ValueError, "swiglu: expected defined gate and up");
+  MOA_CHECK(gate.dtype() == up.dtype() && is_floating(gate.dtype()), ValueError,
+            "swiglu: expected floating gate and up of one dtype, got ", dtype_name(gate.dtype()), " and ",
+            dtype_name(up.dtype()));
+  MOA_CHECK(gate.device() == up.device(), DeviceError, "swiglu: expected gate and up on one device, got ",
+            gate.device().str(), " and ", up.device().str());
+  MOA_CHECK(gate.shape() == up.shape(), ShapeError, "swiglu: expected gate and up of one shape, got ",
+            shape_str(gate.shape()), " and ", shape_str(up.shape()));
+  const bool on_dev = on_device(gate);
+  if (on_dev) detail::check_device_f32(gate, "swiglu");
+  const Tensor g = gate.contiguous().detach(), u = up.contiguous().detach();
+  Tensor out = Tensor::empty(gate.shape(), gate.dtype(), gate.device());
+  const int64_t n = out.numel();
+  if (on_dev) {
+    if (n > 0) backend(gate.device()).swiglu_forward(out.data<float>(), g.data<float>(), u.data<float>(), n);
+  } else {
+    detail::dispatch_float(gate.dtype(), "swiglu", [&]<class T>() {
+      const T *pg = g.data<T>(), *pu = u.data<T>();
+      T* po = out.data<T>();
+      detail::parallel_for(n, 8, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) po[i] = kernels::reference::silu(pg[i]) * pu[i];
+      });
+    });
+  }
+  if (autograd::needs_graph({&gate, &up})) {
+    autograd::record("swiglu", out, {gate, up}, [g, u, n, on_dev](const Tensor& dy, const std::vector<char>& needs) {
+      std::vector<Tensor> r(2);
+      for (int i = 0; i < 2; ++i)
+        if (needs[i]) r[i] = Tensor::empty(g.shape(), g.dtype(), g.device());
+      if (n == 0) return r;
+      if (on_dev) {
+        auto ptr = [](const Tensor& t) { return t.defined() ? t.data<float>() : nullptr; };
+        backend(g.device())
+            .swiglu_backward(ptr(r[0]), ptr(r[1]), dy.data<float>(), g.data<float>(), u.data<float>(), n);
+        return r;
+      }
+      detail::dispatch_float(g.dtype(), "swiglu backward", [&]<class T>() {
+        const T *pd = dy.data<T>(), *pg = g.data<T>(), *pu = u.data<T>();
+        T* dg = r[0].defined() ? r[0].data<T>() : nullptr;
+        T* du = r[1].defined() ? r[1].data<T>() : nullptr;
+        detail::parallel_for(n, 8, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) {
+            if (du) du[i] = pd[i] * kernels::reference::silu(pg[i]);
+            if (dg) dg[i] = (pd[i] * pu[i]) * kernels::reference::silu_grad(pg[i]);
+          }
+        });
+      });
+      return r;
+    });
+  }
+  return out;
+}
+
 inline Tensor operator+(const Tensor& a, const Tensor& b) { return add(a, b); }
 inline Tensor operator-(const Tensor& a, const Tensor& b) { return sub(a, b); }
 inline Tensor operator*(const Tensor& a, const Tensor& b) { return mul(a, b); }

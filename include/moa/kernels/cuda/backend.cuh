@@ -287,6 +287,18 @@ class CudaBackend final : public DeviceBackend {
     ::moa::kernels::cuda::unary_backward(op, p, gx, g, x, y, n, s.stream);
   }
 
+  void swiglu_forward(float* y, const float* g, const float* u, int64_t n) override {
+    if (n <= 0) return;
+    DeviceState& s = activate_for(y, "swiglu_forward");
+    ::moa::kernels::cuda::swiglu_forward(y, g, u, n, s.stream);
+  }
+
+  void swiglu_backward(float* dg, float* du, const float* dy, const float* g, const float* u, int64_t n) override {
+    if (n <= 0 || (!dg && !du)) return;
+    DeviceState& s = activate_for(dg ? dg : du, "swiglu_backward");
+    ::moa::kernels::cuda::swiglu_backward(dg, du, dy, g, u, n, s.stream);
+  }
+
   void sum_rows(float* out, const float* x, int64_t rows, int64_t cols, double scale) override {
     MOA_CHECK(rows >= 0 && cols >= 0, ShapeError, "sum_rows: expected rows, cols >= 0, got ", rows, ", ", cols);
     if (rows == 0) return;
@@ -516,20 +528,21 @@ class CudaBackend final : public DeviceBackend {
     });
   }
 
-  void rope(float* y, const float* x, int64_t BH, int64_t T, int64_t D, int64_t start, double theta,
-            int sign) override {
-    MOA_CHECK(BH >= 0 && T >= 0 && D >= 0 && D % 2 == 0, ShapeError,
-              "rope: expected BH, T >= 0 and an even head size D, got BH ", BH, ", T ", T, ", D ", D);
+  void rope_heads(float* y, const HeadLayout& y_layout, const float* x, const HeadLayout& x_layout, int64_t B,
+                  int64_t H, int64_t T, int64_t D, int64_t start, double theta, int sign) override {
+    MOA_CHECK(B >= 0 && H >= 0 && T >= 0 && D >= 0 && D % 2 == 0, ShapeError,
+              "rope: expected B, H, T >= 0 and an even head size D, got B ", B, ", H ", H, ", T ", T, ", D ", D);
     MOA_CHECK(start >= 0 && theta > 0 && (sign == 1 || sign == -1), ValueError,
               "rope: expected start >= 0, theta > 0 and sign +1 or -1, got start ", start, ", theta ", theta,
               ", sign ", sign);
-    if (BH == 0 || T == 0 || D == 0) return;
+    if (B == 0 || H == 0 || T == 0 || D == 0) return;
     DeviceState& s = activate_for(y, "rope");
     const int64_t half = D / 2;
     // Locked until the launch is queued: another thread growing the table releases the old one.
     std::lock_guard<std::mutex> lock(s.cache_mutex);
     const DeviceState::RopeTable& t = rope_table_locked(s, D, theta, start + T);
-    ::moa::kernels::cuda::rope(y, x, t.data, t.data + t.positions * half, BH, T, half, start, sign, s.stream);
+    ::moa::kernels::cuda::rope(y, y_layout, x, x_layout, t.data, t.data + t.positions * half, B, H, T, half, start,
+                               sign, s.stream);
   }
 
   // ---- optimiser ---------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@
 
 #include "moa/core/backend.hpp"
 #include "moa/core/error.hpp"
+#include "moa/core/head_layout.hpp"
 #include "moa/core/shape.hpp"
 #include "moa/kernels/cuda/check.cuh"
 #include "moa/kernels/cuda/launch.cuh"
@@ -347,20 +348,26 @@ static __global__ void sum_rows_finish_kernel(float* out, const double* acc, int
 }
 
 // ---- rope ----------------------------------------------------------------------------------------------
-// One thread per pair (row, t, i < half); cos_t / sin_t: (positions, half) float tables.
-static __global__ void rope_kernel(float* y, const float* x, const float* cos_t, const float* sin_t, int64_t BH,
-                                   int64_t T, int64_t half, int64_t start, int sign) {
-  const int64_t n = BH * T * half;
+// One thread per pair (b, h, t, i < half) of x, y (B, H, T, 2 half) in their layouts (rows of D
+// contiguous); cos_t / sin_t: (positions, half) float tables.
+struct RopeShape {
+  int64_t B = 0, H = 0, T = 0, half = 0;
+  HeadLayout x, y;  // resolved
+};
+static __global__ void rope_kernel(float* y, const float* x, const float* cos_t, const float* sin_t, RopeShape sh,
+                                   int64_t start, int sign) {
+  const int64_t half = sh.half, n = sh.B * sh.H * sh.T * half;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t rt = idx / half, i = idx - rt * half;  // rt = row * T + t
-    const int64_t t = rt % T;
+    const int64_t rt = idx / half, i = idx - rt * half;  // rt = (b H + h) T + t
+    const int64_t bh = rt / sh.T, t = rt - bh * sh.T, b = bh / sh.H, h = bh - b * sh.H;
     const int64_t tab = (start + t) * half + i;
     const float c = cos_t[tab], s = sign < 0 ? -sin_t[tab] : sin_t[tab];
-    const int64_t base = rt * 2 * half;
-    const float a = x[base + i], b = x[base + i + half];
+    const float* xr = x + b * sh.x.batch + h * sh.x.head + t * sh.x.row;
+    float* yr = y + b * sh.y.batch + h * sh.y.head + t * sh.y.row;
+    const float a = xr[i], bb = xr[i + half];
     // Explicit roundings: no fused multiply-add, so the result is the cpu's unfused float arithmetic.
-    y[base + i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
-    y[base + i + half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+    yr[i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(bb, s));
+    yr[i + half] = __fadd_rn(__fmul_rn(bb, c), __fmul_rn(a, s));
   }
 }
 
@@ -506,6 +513,39 @@ inline void unary_backward(UnaryOp op, double p, float* gx, const float* g, cons
   MOA_CUDA_LAUNCH_CHECK();
 }
 
+// ---- SwiGLU: y = silu(g) * u in one pass, and its backward in one pass --------------------------------------
+namespace detail {
+static __global__ void swiglu_forward_kernel(float* y, const float* g, const float* u, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = unary_apply<UnaryOp::silu>(g[i], 0.0) * u[i];
+}
+// dg = (dy * u) * silu'(g), du = dy * silu(g): the products of mul's and silu's backward, in their order.
+static __global__ void swiglu_backward_kernel(float* dg, float* du, const float* dy, const float* g, const float* u,
+                                              int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const float gi = g[i], d = dy[i];
+    if (du) du[i] = d * unary_apply<UnaryOp::silu>(gi, 0.0);
+    if (dg) dg[i] = (d * u[i]) * unary_grad<UnaryOp::silu>(gi, 0.f, 0.0);
+  }
+}
+}  // namespace detail
+
+// y = silu(g) * u over n contiguous values (y a buffer of its own).
+inline void swiglu_forward(float* y, const float* g, const float* u, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  MOA_CUDA_LAUNCH(detail::swiglu_forward_kernel, detail::grid_for(n, detail::ew_threads), detail::ew_threads, 0, stream,
+                  y, g, u, n);
+  MOA_CUDA_LAUNCH_CHECK();
+}
+// dg = dy * u * silu'(g) and du = dy * silu(g) (either may be null) in one pass.
+inline void swiglu_backward(float* dg, float* du, const float* dy, const float* g, const float* u, int64_t n,
+                            cudaStream_t stream) {
+  if (n <= 0 || (!dg && !du)) return;
+  MOA_CUDA_LAUNCH(detail::swiglu_backward_kernel, detail::grid_for(n, detail::ew_threads), detail::ew_threads, 0,
+                  stream, dg, du, dy, g, u, n);
+  MOA_CUDA_LAUNCH_CHECK();
+}
+
 // The launch plan of sum_rows: which kernel, and for the split one, the chunks per row.
 struct SumRowsPlan {
   enum Kind { warp, block, split } kind = warp;
@@ -557,15 +597,24 @@ inline void sum_rows(float* out, const float* x, int64_t rows, int64_t cols, dou
   }
 }
 
-// y = R x (sign +1) or R^T x (sign -1) for x, y (BH, T, 2 half); cos_t, sin_t: (P, half) with
-// P >= start + T (row p: position p). y may be x.
-inline void rope(float* y, const float* x, const float* cos_t, const float* sin_t, int64_t BH, int64_t T,
-                 int64_t half, int64_t start, int sign, cudaStream_t stream) {
-  const int64_t n = BH * T * half;
+// y = R x (sign +1) or R^T x (sign -1) for x, y (B, H, T, 2 half) in their layouts (default:
+// contiguous); cos_t, sin_t: (P, half) with P >= start + T (row p: position p). y may be x with the
+// same layout.
+inline void rope(float* y, const HeadLayout& y_layout, const float* x, const HeadLayout& x_layout, const float* cos_t,
+                 const float* sin_t, int64_t B, int64_t H, int64_t T, int64_t half, int64_t start, int sign,
+                 cudaStream_t stream) {
+  const int64_t n = B * H * T * half;
   if (n <= 0) return;
+  const detail::RopeShape sh{B, H, T, half, x_layout.resolve(H, T, 2 * half), y_layout.resolve(H, T, 2 * half)};
   MOA_CUDA_LAUNCH(detail::rope_kernel, detail::grid_for(n, detail::ew_threads), detail::ew_threads, 0, stream, y, x,
-                  cos_t, sin_t, BH, T, half, start, sign);
+                  cos_t, sin_t, sh, start, sign);
   MOA_CUDA_LAUNCH_CHECK();
+}
+
+// The contiguous (BH, T, 2 half) form.
+inline void rope(float* y, const float* x, const float* cos_t, const float* sin_t, int64_t BH, int64_t T, int64_t half,
+                 int64_t start, int sign, cudaStream_t stream) {
+  rope(y, HeadLayout{}, x, HeadLayout{}, cos_t, sin_t, 1, BH, T, half, start, sign, stream);
 }
 
 // C_b = beta C_b for b < batch, C_b (M, N) with row stride ldc at C + b * stride_c; beta == 0
