@@ -107,6 +107,53 @@ TEST_CASE("lora_add: y = base + s (x A^T) B^T, gradients by finite differences (
   test::check_throws_with<ShapeError>([&] { lora::lora_add(base2, x, A, B, s); }, {"base of shape"});
 }
 
+TEST_CASE("lora_linear: the layer and its adapter in one op, as linear() then lora_add(), one gradient for x") {
+  Generator gen(11);
+  const int64_t In = 6, Out = 5, R = 2;
+  const double s = 1.3;
+  // f64: against finite differences, every input needing a gradient, with and without bias.
+  Tensor x = Tensor::randn({2, 3, In}, gen, DType::f64).set_requires_grad();
+  Tensor W = Tensor::randn({Out, In}, gen, DType::f64).set_requires_grad();
+  Tensor b = Tensor::randn({Out}, gen, DType::f64).set_requires_grad();
+  Tensor A = Tensor::randn({R, In}, gen, DType::f64).set_requires_grad();
+  Tensor B = Tensor::randn({Out, R}, gen, DType::f64).set_requires_grad();
+  auto res = autograd::gradcheck(
+      [s](const std::vector<Tensor>& in) { return lora::lora_linear(in[0], in[1], in[2], in[3], in[4], s); },
+      {x, W, b, A, B});
+  INFO(res.message);
+  CHECK(res.ok);
+  auto res2 = autograd::gradcheck(
+      [s](const std::vector<Tensor>& in) { return lora::lora_linear(in[0], in[1], Tensor(), in[2], in[3], s); },
+      {x, W, A, B});
+  INFO(res2.message);
+  CHECK(res2.ok);
+  // f32: the same values and gradients as the two ops it replaces (the forward and the weight
+  // gradients are the same products; dx sums the same two terms, by the second product).
+  auto run = [&](bool fused) {
+    Generator g2(12);
+    Tensor xf = Tensor::randn({3, 7, In}, g2).set_requires_grad();
+    Tensor Wf = Tensor::randn({Out, In}, g2), bf = Tensor::randn({Out}, g2);
+    Tensor Af = Tensor::randn({R, In}, g2).set_requires_grad(), Bf = Tensor::randn({Out, R}, g2).set_requires_grad();
+    Tensor y = fused ? lora::lora_linear(xf, Wf, bf, Af, Bf, s) : lora::lora_add(linear(xf, Wf, bf), xf, Af, Bf, s);
+    sum(y * y).backward();
+    return std::vector<Tensor>{y, xf.grad(), Af.grad(), Bf.grad()};
+  };
+  const auto fused = run(true), plain = run(false);
+  CHECK(fused[0].to_vector<float>() == plain[0].to_vector<float>());
+  double mag = 0;
+  for (double v : plain[1].to_vector<double>()) mag = std::max(mag, std::fabs(v));
+  CHECK(test::max_abs_diff(fused[1], plain[1]) <= 1e-6 * mag);
+  CHECK(fused[2].to_vector<float>() == plain[2].to_vector<float>());
+  CHECK(fused[3].to_vector<float>() == plain[3].to_vector<float>());
+  test::check_throws_with<ShapeError>([&] { (void)lora::lora_linear(x, W, b, B, A, s); },
+                                      {"lora_linear", "A (R, 6)", "B (5, R)"});
+  test::check_throws_with<ShapeError>(
+      [&] {
+        (void)lora::lora_linear(Tensor::zeros({2, In + 1}, DType::f64), W, b, A, B, s);
+      },
+      {"linear", "[2, 7]"});
+}
+
 TEST_CASE("LoRAConfig: scale, rsLoRA, validation; LoRA init like PEFT") {
   CHECK(lora::LoRAConfig{}.scale() == doctest::Approx(2.0));
   CHECK(lora::LoRAConfig{.rank = 16, .alpha = 32, .use_rslora = true}.scale() == doctest::Approx(8.0));
@@ -192,7 +239,7 @@ TEST_CASE("a frozen base gets no weight gradient: only A and B do, and no (Out x
   Tensor loss = model.loss(ids, targets);
   // Walk the graph: every "linear" node must not want a gradient for its weight (input 1), so its
   // backward never computes dW (moa/ops/matmul.hpp computes r[1] only when needs[1]).
-  int linear_nodes = 0, lora_nodes = 0;
+  int linear_nodes = 0, lora_nodes = 0, no_input_grad = 0;
   std::vector<autograd::Node*> stack{loss.grad_fn().get()};
   std::unordered_set<autograd::Node*> seen;
   while (!stack.empty()) {
@@ -204,16 +251,21 @@ TEST_CASE("a frozen base gets no weight gradient: only A and B do, and no (Out x
       CHECK(n->needs[1] == 0);
       CHECK(n->needs[2] == 0);
     }
-    if (std::string(n->name) == "lora_add") {
+    if (std::string(n->name) == "lora_linear") {  // inputs x, weight, bias, A, B
       ++lora_nodes;
-      CHECK(n->needs[2] == 1);
+      CHECK(n->needs[1] == 0);
+      CHECK(n->needs[2] == 0);
       CHECK(n->needs[3] == 1);
+      CHECK(n->needs[4] == 1);
+      no_input_grad += n->needs[0] == 0;
     }
     for (auto& e : n->edges) stack.push_back(e.node.get());
   }
+  // 15 linears: the 14 adapted ones are one lora_linear node each (the first layer's q/k/v see no
+  // grad-requiring input: no dx there), lm_head a plain linear.
   CHECK(lora_nodes == 14);
-  // 15 linears (lm_head too); the first layer's q/k/v see no grad-requiring input: no node at all.
-  CHECK(linear_nodes == 12);
+  CHECK(no_input_grad == 3);
+  CHECK(linear_nodes == 1);
   loss.backward();
   for (auto& [n, t] : model.named_parameters()) {
     INFO(n);

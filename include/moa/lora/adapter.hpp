@@ -59,6 +59,11 @@ class LoRA : public nn::LinearAdapter {
     const Tensor xd = config_.dropout > 0 ? dropout(x, config_.dropout, dropout_gen_, is_training()) : x;
     return lora_add(std::move(base_out), xd, A, B, scale());
   }
+  // Without dropout the base and the adapter read the same x: one op (lora_linear), one gradient for x.
+  Tensor forward_linear(const Tensor& x, const Tensor& weight, const Tensor& bias) override {
+    if (config_.dropout > 0 && is_training()) return forward_owned(x, linear(x, weight, bias));
+    return lora_linear(x, weight, bias, A, B, scale());
+  }
 
   // scale * B A (Out, In), the change to the base weight, in f64 (for merging).
   Tensor delta_weight() const {
@@ -96,6 +101,10 @@ class LoRALinear : public nn::LinearAdapter {
   Tensor forward_owned(const Tensor& x, Tensor base_out) override {
     if (active_.empty() || !merged_.empty()) return base_out;
     return get(active_)->forward_owned(x, std::move(base_out));
+  }
+  Tensor forward_linear(const Tensor& x, const Tensor& weight, const Tensor& bias) override {
+    if (active_.empty() || !merged_.empty()) return linear(x, weight, bias);
+    return get(active_)->forward_linear(x, weight, bias);
   }
 
   // Adds a named adapter (inactive). The name must be new here.

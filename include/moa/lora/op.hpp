@@ -17,8 +17,9 @@ namespace moa::lora {
 
 namespace detail {
 
+// u_out, when given, receives x A^T (N, R).
 inline Tensor lora_add(const Tensor& base, bool reuse_base, const Tensor& x, const Tensor& A, const Tensor& B,
-                       double scale) {
+                       double scale, Tensor* u_out = nullptr) {
   MOA_CHECK(base.defined() && x.defined() && A.defined() && B.defined(), ValueError,
             "lora_add: expected defined tensors");
   for (const Tensor* t : {&base, &A, &B}) {
@@ -55,6 +56,7 @@ inline Tensor lora_add(const Tensor& base, bool reuse_base, const Tensor& x, con
     ::moa::detail::gemm_on<T>(dev, false, true, N, Out, R, static_cast<T>(scale), u.data<T>(), R, Bc.data<T>(), R, T(1),
                           out.data<T>(), Out);
   });
+  if (u_out) *u_out = u;
   if (autograd::needs_graph({&base, &x, &A, &B})) {
     autograd::record(
         "lora_add", out, {base, x, A, B},
@@ -94,6 +96,68 @@ inline Tensor lora_add(const Tensor& base, bool reuse_base, const Tensor& x, con
 }
 
 }  // namespace detail
+
+// The adapted layer y = x W^T + b + scale (x A^T) B^T as one autograd op: the products of linear()
+// followed by lora_add(), with one gradient for x instead of two for the engine to add: dx = g W,
+// then the adapter's (scale g B) A is accumulated onto it by its product (beta 1). x (..., In),
+// weight (Out, In), bias (Out) or undefined, A (R, In), B (Out, R) -> (..., Out).
+inline Tensor lora_linear(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& A, const Tensor& B,
+                          double scale) {
+  MOA_CHECK(x.defined() && weight.defined() && A.defined() && B.defined(), ValueError,
+            "lora_linear: expected defined x, weight, A and B");
+  MOA_CHECK(weight.dim() == 2 && A.dim() == 2 && B.dim() == 2 && A.size(1) == weight.size(1) &&
+                B.size(0) == weight.size(0) && A.size(0) == B.size(1),
+            ShapeError, "lora_linear: expected weight (Out, In), A (R, ", weight.dim() == 2 ? weight.size(1) : -1,
+            ") and B (", weight.dim() == 2 ? weight.size(0) : -1, ", R), got weight ", shape_str(weight.shape()),
+            ", A ", shape_str(A.shape()), " and B ", shape_str(B.shape()));
+  Tensor out, xc, Ac, Bc, u;
+  {
+    NoGradGuard no_grad;
+    out = linear(x, weight, bias);                          // checks x, weight and bias
+    out = detail::lora_add(out, true, x, A, B, scale, &u);  // checks A and B against x and out
+    xc = x.contiguous().view({-1, A.size(1)});
+    Ac = A.contiguous();
+    Bc = B.contiguous();
+  }
+  if (!autograd::needs_graph({&x, &weight, &bias, &A, &B})) return out;
+  autograd::record("lora_linear", out, {x, weight, bias, A, B},
+                   [xd = xc.detach(), wd = weight.detach(), Ad = Ac.detach(), Bd = Bc.detach(), ud = u.detach(), scale,
+                    x_shape = x.shape()](const Tensor& g, const std::vector<char>& needs) {
+                     std::vector<Tensor> r(5);
+                     const int64_t R = Ad.size(0), In = Ad.size(1), Out = Bd.size(0), N = xd.size(0);
+                     const Device dev = g.device();
+                     const Tensor g2 = g.view({-1, Out});  // contiguous (the engine makes it so)
+                     if (needs[1]) r[1] = ::moa::detail::matmul_forward(g2.transpose(0, 1), xd);  // dW (Out, In)
+                     if (needs[2]) r[2] = sum(g2, {0});                                           // db (Out)
+                     Tensor dx;
+                     if (needs[0]) dx = ::moa::detail::matmul_forward(g2, wd.contiguous());  // (N, In) = g W
+                     ::moa::detail::dispatch_float(g.dtype(), "lora_linear backward", [&]<class T>() {
+                       const T* pg = g2.data<T>();
+                       const T s = static_cast<T>(scale);
+                       if (needs[4]) {  // dB (Out, R) = s g^T (x A^T)
+                         r[4] = Tensor::empty({Out, R}, g.dtype(), dev);
+                         ::moa::detail::gemm_on<T>(dev, true, false, Out, R, N, s, pg, Out, ud.data<T>(), R, T(0),
+                                                   r[4].data<T>(), R);
+                       }
+                       if (needs[0] || needs[3]) {
+                         Tensor gu = Tensor::empty({N, R}, g.dtype(), dev);  // d(x A^T) (N, R) = s g B
+                         ::moa::detail::gemm_on<T>(dev, false, false, N, R, Out, s, pg, Out, Bd.data<T>(), R, T(0),
+                                                   gu.data<T>(), R);
+                         if (needs[3]) {  // dA (R, In) = gu^T x
+                           r[3] = Tensor::empty({R, In}, g.dtype(), dev);
+                           ::moa::detail::gemm_on<T>(dev, true, false, R, In, N, T(1), gu.data<T>(), R, xd.data<T>(),
+                                                     In, T(0), r[3].data<T>(), In);
+                         }
+                         if (needs[0])  // dx += gu A
+                           ::moa::detail::gemm_on<T>(dev, false, false, N, In, R, T(1), gu.data<T>(), R, Ad.data<T>(),
+                                                     In, T(1), dx.data<T>(), In);
+                       }
+                     });
+                     if (needs[0]) r[0] = dx.view(x_shape);
+                     return r;
+                   });
+  return out;
+}
 
 // x (..., In), base (..., Out), A (R, In), B (Out, R) -> (..., Out).
 inline Tensor lora_add(const Tensor& base, const Tensor& x, const Tensor& A, const Tensor& B, double scale) {

@@ -18,6 +18,12 @@ class LinearAdapter : public Module {
   // The same, with the linear's output handed over for good: an adapter may add into its memory
   // when nothing else holds it (LoRA does, which saves a copy of the output). By default: forward.
   virtual Tensor forward_owned(const Tensor& x, Tensor base_out) { return forward(x, base_out); }
+  // The whole adapted layer from the linear's weight and bias. By default the linear's output handed
+  // to forward_owned; an adapter may form both in one op (LoRA does: the input then gets one
+  // gradient, not two for the engine to add).
+  virtual Tensor forward_linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+    return forward_owned(x, linear(x, weight, bias));
+  }
 };
 
 // weight: (Out, In), bias: (Out) or none. Initialised N(0, init_std), bias 0.
@@ -33,8 +39,7 @@ class Linear : public Module {
 
   // x: (..., In) -> (..., Out); the adapter, when one is attached, adds its part.
   Tensor forward(const Tensor& x) {
-    Tensor y = linear(x, weight, bias);
-    return adapter_ ? adapter_->forward_owned(x, std::move(y)) : y;
+    return adapter_ ? adapter_->forward_linear(x, weight, bias) : linear(x, weight, bias);
   }
 
   // Attaches (or, with nullptr, removes) an adapter; its parameters appear under `name`.

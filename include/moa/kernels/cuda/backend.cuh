@@ -6,7 +6,8 @@
 //   - one non-blocking stream: every kernel, copy and cuBLAS call of the device goes to it, so work
 //     runs in call order and a block released to the allocator is only reused by later work;
 //   - one cuBLAS handle bound to that stream (calls serialised by a mutex: a handle is not meant to
-//     be used by two host threads at once);
+//     be used by two host threads at once), and on first use of gemm_bias a cuBLASLt handle, its
+//     32 MiB workspace and its plans per product shape (under the same mutex);
 //   - one CachingAllocator (allocate/release, and the scratch of the fused kernels: no cudaMalloc
 //     once a repeated step loop is warm);
 //   - two small caches: the device arrays of expert pointers for the grouped LoRA kernels (keyed by
@@ -631,8 +632,6 @@ class CudaBackend final : public DeviceBackend {
   }
 
  private:
-  // A block of the device's allocator for the duration of one call (released when the call has
-  // queued its work: later work on the stream runs after it).
   using LtPlan = DeviceState::LtPlan;
 
   static cublasComputeType_t compute_type(MatmulPrecision precision, const char* op) {
@@ -702,6 +701,8 @@ class CudaBackend final : public DeviceBackend {
     return stored.usable ? &stored : nullptr;
   }
 
+  // A block of the device's allocator for the duration of one call (released when the call has
+  // queued its work: later work on the stream runs after it).
   class Scratch {
    public:
     Scratch(DeviceState& s, std::size_t nbytes) : s_(&s), p_(nbytes ? s.alloc.allocate(nbytes, s.stream) : nullptr) {}
