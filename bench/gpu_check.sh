@@ -171,7 +171,7 @@ fi
 echo
 echo "## moa GPU check ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%Y-%m-%d))"
 echo
-echo "build: ${build_s}s; ctest -L cuda: $([ $tests_rc = 0 ] && echo passed || echo "FAILED (rc $tests_rc)");" \
+echo "build: ${build_s}s; cuda tests: $([ $tests_rc = 0 ] && echo passed || echo "FAILED (rc $tests_rc)");" \
      "bench: $([ $bench_rc = 0 ] && echo ok || echo "FAILED (rc $bench_rc)");" \
      "bench_cuda_lm: $([ $lm_rc = 0 ] && echo ok || echo "FAILED (rc $lm_rc)"); total $(( $(date +%s) - t0 ))s"
 echo
