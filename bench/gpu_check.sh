@@ -70,11 +70,17 @@ prebuilt_ok=0
 if [ "$build_only" != 1 ] && [ -f "$prebuilt/SOURCE" ]; then
   if [ "$(cat "$prebuilt/SOURCE")" != "$(bash bench/gpu_prebuild.sh --source-hash)" ]; then
     echo "gpu_check: $prebuilt/ was built from other source; building here"
-  elif ldd "$prebuilt"/moa_cuda_tests "$prebuilt"/moa_cuda_device_tests "$prebuilt"/bench_cuda \
-        "$prebuilt"/bench_cuda_lm 2>&1 | grep -q 'not found'; then
-    echo "gpu_check: $prebuilt/ needs libraries this machine lacks; building here"
   else
     prebuilt_ok=1
+    for t in moa_cuda_tests moa_cuda_device_tests bench_cuda bench_cuda_lm; do
+      # (ldd's output captured whole: under pipefail, `ldd | grep -q` fails when grep stops reading early)
+      libs=$(ldd "$prebuilt/$t" 2>&1) || true
+      if [ ! -x "$prebuilt/$t" ] || [[ $libs == *"not found"* ]]; then
+        echo "gpu_check: $prebuilt/$t is missing or needs libraries this machine lacks; building here"
+        prebuilt_ok=0
+        break
+      fi
+    done
   fi
 fi
 

@@ -12,10 +12,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Every source file the four binaries are built from (also present in the device's copy of the tree).
+# The CUDA architecture is part of it: binaries for another one do not match.
 source_hash() {
-  find include tests bench examples cmake CMakeLists.txt -type f \
-    \( -name '*.hpp' -o -name '*.cuh' -o -name '*.cu' -o -name '*.cpp' -o -name '*.h' -o -name 'CMakeLists.txt' \
-       -o -name '*.cmake' -o -name '*.in' \) -print0 | LC_ALL=C sort -z | xargs -0 sha1sum | sha1sum | cut -c1-16
+  { echo "arch ${MOA_CUDA_ARCH:-90}"
+    find include tests bench examples cmake CMakeLists.txt -type f \
+      \( -name '*.hpp' -o -name '*.cuh' -o -name '*.cu' -o -name '*.cpp' -o -name '*.h' -o -name 'CMakeLists.txt' \
+         -o -name '*.cmake' -o -name '*.in' \) -print0 | LC_ALL=C sort -z | xargs -0 sha1sum
+  } | sha1sum | cut -c1-16
 }
 if [ "${1:-}" = --source-hash ]; then
   source_hash
@@ -30,7 +33,10 @@ MOA_GPU_CHECK_BUILD_ONLY=1 MOA_GPU_BUILD_TIMEOUT=${MOA_GPU_BUILD_TIMEOUT:-1800} 
 rm -rf .gpu-prebuilt
 mkdir -p .gpu-prebuilt
 for t in moa_cuda_tests moa_cuda_device_tests bench_cuda bench_cuda_lm; do
-  cp "$(find "$build" -name "$t" -type f -perm -u+x | head -1)" .gpu-prebuilt/
+  # the newest, should the folder hold both a wrapper-project and a full-tree build
+  bin=$(find "$build" -name "$t" -type f -perm -u+x -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2-)
+  [ -n "$bin" ] || { echo "gpu_prebuild: $t was not built" >&2; exit 1; }
+  cp "$bin" .gpu-prebuilt/
 done
 echo "$hash" >.gpu-prebuilt/SOURCE
 ls -l .gpu-prebuilt

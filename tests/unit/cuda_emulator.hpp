@@ -32,8 +32,9 @@
 //   - cuBLAS products follow the column-major definition with cuBLAS's argument checks, float32
 //     accumulation, and inputs rounded to bf16 (COMPUTE_32F_FAST_16BF) or tf32 (FAST_TF32);
 //   - cuBLASLt: descriptors, layouts, a heuristic that finds one algorithm (or none, when a test
-//     sets moa_emu::lt_heuristic_finds to false) and cublasLtMatmul with the bias epilogue, over the
-//     same emulated product.
+//     sets moa_emu::lt_heuristic_finds to false) for the operand alignments it is told (default 256
+//     bytes, as cuBLASLt), and cublasLtMatmul with the bias epilogue over the same emulated product,
+//     refusing operands aligned less than the algorithm was chosen for.
 // Not emulated: timing, memory other than shared being on another device (a kernel handed a host
 // pointer reads it here), warp divergence rules beyond "all 32 lanes take part in every collective".
 //
@@ -661,7 +662,13 @@ enum cublasLtMatmulDescAttributes_t {
   CUBLASLT_MATMUL_DESC_EPILOGUE = 7,
   CUBLASLT_MATMUL_DESC_BIAS_POINTER = 8
 };
-enum cublasLtMatmulPreferenceAttributes_t { CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1 };
+enum cublasLtMatmulPreferenceAttributes_t {
+  CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1,
+  CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES = 5,
+  CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES = 6,
+  CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES = 7,
+  CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES = 8
+};
 struct cublasLtContext {};
 using cublasLtHandle_t = cublasLtContext*;
 struct cublasLtMatmulDescOpaque_t {
@@ -680,6 +687,7 @@ struct cublasLtMatrixLayoutOpaque_t {  // column-major, one matrix
 using cublasLtMatrixLayout_t = cublasLtMatrixLayoutOpaque_t*;
 struct cublasLtMatmulPreferenceOpaque_t {
   uint64_t max_workspace = 0;
+  uint32_t min_align[4] = {256, 256, 256, 256};  // A, B, C, D: cuBLASLt's default assumes 256 bytes
 };
 using cublasLtMatmulPreference_t = cublasLtMatmulPreferenceOpaque_t*;
 struct cublasLtMatmulAlgo_t {
@@ -769,10 +777,18 @@ inline cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t
 inline cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p,
                                                            cublasLtMatmulPreferenceAttributes_t a, const void* buf,
                                                            size_t size) {
-  if (!p || !buf || a != CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES || size != sizeof(uint64_t))
-    return CUBLAS_STATUS_INVALID_VALUE;
-  std::memcpy(&p->max_workspace, buf, sizeof(uint64_t));
-  return CUBLAS_STATUS_SUCCESS;
+  if (!p || !buf) return CUBLAS_STATUS_INVALID_VALUE;
+  if (a == CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES) {
+    if (size != sizeof(uint64_t)) return CUBLAS_STATUS_INVALID_VALUE;
+    std::memcpy(&p->max_workspace, buf, sizeof(uint64_t));
+    return CUBLAS_STATUS_SUCCESS;
+  }
+  if (a >= CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES && a <= CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES) {
+    if (size != sizeof(uint32_t)) return CUBLAS_STATUS_INVALID_VALUE;
+    std::memcpy(&p->min_align[a - CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES], buf, sizeof(uint32_t));
+    return CUBLAS_STATUS_SUCCESS;
+  }
+  return CUBLAS_STATUS_INVALID_VALUE;
 }
 
 namespace moa_emu {
@@ -805,6 +821,8 @@ inline cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasL
   if (!moa_emu::lt_heuristic_finds) return CUBLAS_STATUS_NOT_SUPPORTED;
   results[0] = {};
   results[0].algo.data[0] = moa_emu::lt_algo_tag;
+  // The alignments the algorithm was chosen for: a GPU kernel may fault on operands aligned less.
+  for (int i = 0; i < 4; ++i) results[0].algo.data[1 + i] = pref->min_align[i];
   results[0].workspaceSize = std::min<uint64_t>(pref->max_workspace, 1u << 20);
   results[0].state = CUBLAS_STATUS_SUCCESS;
   results[0].wavesCount = 1.f;
@@ -826,6 +844,11 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d,
       k > INT_MAX)
     return CUBLAS_STATUS_INVALID_VALUE;
   if (Cd->ld != Dd->ld) return CUBLAS_STATUS_NOT_SUPPORTED;  // moa passes C == D
+  const void* operands[4] = {A, B, C, D};
+  for (int i = 0; i < 4; ++i)
+    if (reinterpret_cast<uintptr_t>(operands[i]) % algo->data[1 + i] != 0)
+      throw std::logic_error("emulated cuBLASLt: an operand is aligned less than the heuristic was told (" +
+                             std::to_string(algo->data[1 + i]) + " bytes): a misaligned access on a GPU");
   ++moa_emu::lt_matmul_calls;
   if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
   const float b = *static_cast<const float*>(beta);

@@ -60,6 +60,7 @@ class LoRA : public nn::LinearAdapter {
     return lora_add(std::move(base_out), xd, A, B, scale());
   }
   // Without dropout the base and the adapter read the same x: one op (lora_linear), one gradient for x.
+  // (It does not go through forward / forward_owned: a subclass changing those overrides this too.)
   Tensor forward_linear(const Tensor& x, const Tensor& weight, const Tensor& bias) override {
     if (config_.dropout > 0 && is_training()) return forward_owned(x, linear(x, weight, bias));
     return lora_linear(x, weight, bias, A, B, scale());

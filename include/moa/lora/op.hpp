@@ -115,11 +115,14 @@ inline Tensor lora_linear(const Tensor& x, const Tensor& weight, const Tensor& b
     NoGradGuard no_grad;
     out = linear(x, weight, bias);                          // checks x, weight and bias
     out = detail::lora_add(out, true, x, A, B, scale, &u);  // checks A and B against x and out
+  }
+  if (!autograd::needs_graph({&x, &weight, &bias, &A, &B})) return out;
+  {
+    NoGradGuard no_grad;
     xc = x.contiguous().view({-1, A.size(1)});
     Ac = A.contiguous();
     Bc = B.contiguous();
   }
-  if (!autograd::needs_graph({&x, &weight, &bias, &A, &B})) return out;
   autograd::record("lora_linear", out, {x, weight, bias, A, B},
                    [xd = xc.detach(), wd = weight.detach(), Ad = Ac.detach(), Bd = Bc.detach(), ud = u.detach(), scale,
                     x_shape = x.shape()](const Tensor& g, const std::vector<char>& needs) {

@@ -7,10 +7,11 @@
 //     runs in call order and a block released to the allocator is only reused by later work;
 //   - one cuBLAS handle bound to that stream (calls serialised by a mutex: a handle is not meant to
 //     be used by two host threads at once), and on first use of gemm_bias a cuBLASLt handle, its
-//     32 MiB workspace and its plans per product shape (under the same mutex);
+//     32 MiB workspace and its plans per product shape and operand alignment (at most 256; under the
+//     same mutex; empty_cache drops the plans and the workspace);
 //   - one CachingAllocator (allocate/release, and the scratch of the fused kernels: no cudaMalloc
 //     once a repeated step loop is warm);
-//   - two small caches: the device arrays of expert pointers for the grouped LoRA kernels (keyed by
+//   - two small caches besides: the device arrays of expert pointers for the grouped LoRA kernels (keyed by
 //     the pointer values, so a training loop uploads them once) and the float cos/sin tables of
 //     rope (computed on the host in double exactly as moa/ops/rope.hpp, so rope is bit-identical
 //     to the cpu's float arithmetic).
@@ -112,8 +113,10 @@ class CudaBackend final : public DeviceBackend {
     void* lt_workspace = nullptr;  // kLtWorkspace bytes from `alloc`, kept
     std::unordered_map<std::vector<uintptr_t>, LtPlan, detail::PointerKeyHash> lt_plans;
   };
-  // cuBLASLt's workspace per device (NVIDIA's recommendation for Hopper).
+  // cuBLASLt's workspace per device (NVIDIA's recommendation for Hopper), and the most plans kept
+  // (then all are dropped and planned again as they come).
   static constexpr std::size_t kLtWorkspace = std::size_t(32) << 20;
+  static constexpr std::size_t kMaxLtPlans = 256;
 
   CudaBackend() = default;
   CudaBackend(const CudaBackend&) = delete;
@@ -171,6 +174,12 @@ class CudaBackend final : public DeviceBackend {
       s.pointer_arrays.clear();
       for (auto& t : s.rope_tables) s.alloc.release(t.data);
       s.rope_tables.clear();
+    }
+    {
+      std::lock_guard<std::mutex> lock(s.blas_mutex);
+      clear_lt_plans(s);
+      if (s.lt_workspace) s.alloc.release(s.lt_workspace);
+      s.lt_workspace = nullptr;
     }
     MOA_CUDA_CHECK(cudaStreamSynchronize(s.stream));
     s.alloc.empty_cache();
@@ -644,21 +653,38 @@ class CudaBackend final : public DeviceBackend {
   }
 
   // The cuBLASLt plan of a biased product (caller holds s.blas_mutex), or null when cuBLASLt has no
-  // algorithm for it. Keyed by the shape, the precision and which pointers are 16-byte aligned (the
-  // heuristic's choice depends on the alignment it sees).
+  // algorithm for it. Keyed by the shape, the precision and the operands' alignments, which the
+  // heuristic is told (it cannot see the pointers).
   LtPlan* lt_plan(DeviceState& s, bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                   const float* B, int64_t ldb, const float* bias, const float* C, int64_t ldc,
                   MatmulPrecision precision) {
-    const auto aligned = [](const void* p) { return uintptr_t(reinterpret_cast<uintptr_t>(p) % 16 == 0); };
-    const uintptr_t flags = uintptr_t(ta) | uintptr_t(tb) << 1 | uintptr_t(precision) << 2 | aligned(A) << 4 |
-                            aligned(B) << 5 | aligned(bias) << 6 | aligned(C) << 7;
-    std::vector<uintptr_t> key{flags,          uintptr_t(M),   uintptr_t(N),  uintptr_t(K),
-                               uintptr_t(lda), uintptr_t(ldb), uintptr_t(ldc)};
+    // The largest power of two up to 256 dividing the address: the heuristic must only pick algorithms
+    // that work at the operands' alignment (its default assumes 256 bytes; a row view may have 4).
+    const auto alignment = [](const void* p) {
+      const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+      uint32_t align = 256;
+      while (align > 1 && a % align != 0) align /= 2;
+      return align;
+    };
+    const uint32_t align_a = alignment(A), align_b = alignment(B), align_c = alignment(C);
+    const uintptr_t flags = uintptr_t(ta) | uintptr_t(tb) << 1 | uintptr_t(precision) << 2;
+    std::vector<uintptr_t> key{flags,
+                               uintptr_t(M),
+                               uintptr_t(N),
+                               uintptr_t(K),
+                               uintptr_t(lda),
+                               uintptr_t(ldb),
+                               uintptr_t(ldc),
+                               uintptr_t(align_a),
+                               uintptr_t(align_b),
+                               uintptr_t(align_c),
+                               uintptr_t(alignment(bias))};
     auto it = s.lt_plans.find(key);
     if (it != s.lt_plans.end()) return it->second.usable ? &it->second : nullptr;
     const cublasComputeType_t compute = compute_type(precision, "gemm_bias");
     if (!s.lt) MOA_CUBLAS_CHECK(cublasLtCreate(&s.lt));
     if (!s.lt_workspace) s.lt_workspace = s.alloc.allocate(kLtWorkspace, s.stream);
+    if (s.lt_plans.size() >= kMaxLtPlans) clear_lt_plans(s);  // e.g. one per prompt length when serving
     LtPlan plan;
     try {
       MOA_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, compute, CUDA_R_32F));
@@ -681,6 +707,14 @@ class CudaBackend final : public DeviceBackend {
       int found = 0;
       cublasStatus_t st =
           cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &max_ws, sizeof(max_ws));
+      // cuBLASLt's A is our B, its B our A, its C and D our C.
+      const std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t> aligns[] = {
+          {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_b},
+          {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_a},
+          {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_c},
+          {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_c}};
+      for (const auto& [attr, value] : aligns)
+        if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value));
       if (st == CUBLAS_STATUS_SUCCESS)
         st = cublasLtMatmulAlgoGetHeuristic(s.lt, plan.desc, plan.a, plan.b, plan.c, plan.c, pref, 1, &result, &found);
       cublasLtMatmulPreferenceDestroy(pref);
@@ -691,14 +725,24 @@ class CudaBackend final : public DeviceBackend {
       plan.algo = result.algo;
       plan.workspace = result.workspaceSize;
     } catch (...) {
-      if (plan.a) cublasLtMatrixLayoutDestroy(plan.a);
-      if (plan.b) cublasLtMatrixLayoutDestroy(plan.b);
-      if (plan.c) cublasLtMatrixLayoutDestroy(plan.c);
-      if (plan.desc) cublasLtMatmulDescDestroy(plan.desc);
+      destroy_lt_plan(plan);
       throw;
     }
     LtPlan& stored = s.lt_plans.emplace(std::move(key), plan).first->second;
     return stored.usable ? &stored : nullptr;
+  }
+
+  static void destroy_lt_plan(LtPlan& plan) noexcept {
+    if (plan.a) cublasLtMatrixLayoutDestroy(plan.a);
+    if (plan.b) cublasLtMatrixLayoutDestroy(plan.b);
+    if (plan.c) cublasLtMatrixLayoutDestroy(plan.c);
+    if (plan.desc) cublasLtMatmulDescDestroy(plan.desc);
+    plan = LtPlan{};
+  }
+  // Every plan (caller holds s.blas_mutex). Descriptors are host objects: no device work waits on them.
+  static void clear_lt_plans(DeviceState& s) noexcept {
+    for (auto& [key, plan] : s.lt_plans) destroy_lt_plan(plan);
+    s.lt_plans.clear();
   }
 
   // A block of the device's allocator for the duration of one call (released when the call has

@@ -18,7 +18,7 @@ namespace detail {
 // log(sum(exp(x))) of a row, computed by the whole block in one pass over memory (the online
 // softmax): each thread keeps a running maximum m and its sum of exp(x - m), rescaled when m grows;
 // the block then rescales every thread's sum to the row maximum. -inf entries add nothing; a NaN,
-// two +inf, or a row of -inf only give NaN, as the two-pass reference (exp(inf - inf)).
+// a +inf, or a row of -inf only give NaN, as the two-pass reference (exp(inf - inf)).
 __device__ __forceinline__ float row_logsumexp(const float* x, int64_t C, float* shared) {
   float m = -INFINITY, s = 0.f;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
