@@ -40,6 +40,17 @@ void profile(const char* title, moa::optim::AdamW& opt, const std::function<moa:
               static_cast<long long>(moa_emu::launch_count() - launches), p.report(40).c_str());
 }
 
+// One profiled step of `c` with rank-16 LoRA on every linear, batch 2 x 32.
+void lora_step(const char* title, const moa::nn::TransformerConfig& c, moa::Device dev) {
+  const auto [x, y] = batch(2, 32, c.vocab_size, dev);
+  moa::nn::TransformerLM model(c, 1);
+  model.to(dev);
+  moa::lora::attach_lora(model, "r16", {.rank = 16, .alpha = 32, .target_modules = "all-linear"}, 3);
+  moa::optim::AdamW opt(model.trainable_parameters(), {.lr = 1e-4});
+  profile(
+      title, opt, [&] { return model.loss(x, y); }, dev);
+}
+
 }  // namespace
 
 int main() {
@@ -50,32 +61,17 @@ int main() {
   c.n_heads = 4;
   c.vocab_size = 512;
   c.max_seq_len = 64;
-  {
-    const auto [x, y] = batch(2, 32, c.vocab_size, dev);
-    moa::nn::TransformerLM model(c, 1);
-    model.to(dev);
-    moa::lora::attach_lora(model, "r16", {.rank = 16, .alpha = 32, .target_modules = "all-linear"}, 3);
-    moa::optim::AdamW opt(model.trainable_parameters(), {.lr = 1e-4});
-    profile("LoRA step, 72 adapters, batch 2 x 32", opt, [&] { return model.loss(x, y); }, dev);
-  }
-  {  // the paper's models are Llama-shaped: RoPE, SwiGLU, RMSNorm, no biases, untied head
-    moa::nn::TransformerConfig lc = moa::nn::TransformerConfig::llama();
-    lc.dim = 64;
-    lc.n_layers = 12;
-    lc.n_heads = 4;
-    lc.n_kv_heads = 2;
-    lc.hidden_dim = 176;
-    lc.vocab_size = 512;
-    lc.max_seq_len = 64;
-    const auto [x, y] = batch(2, 32, lc.vocab_size, dev);
-    moa::nn::TransformerLM model(lc, 1);
-    model.to(dev);
-    moa::lora::attach_lora(model, "r16", {.rank = 16, .alpha = 32, .target_modules = "all-linear"}, 3);
-    moa::optim::AdamW opt(model.trainable_parameters(), {.lr = 1e-4});
-    profile(
-        "Llama-shaped LoRA step (12 layers, GQA 4/2 heads, RoPE), batch 2 x 32", opt, [&] { return model.loss(x, y); },
-        dev);
-  }
+  lora_step("LoRA step, 72 adapters, batch 2 x 32", c, dev);
+  // the paper's models are Llama-shaped: RoPE, SwiGLU, RMSNorm, no biases, untied head
+  moa::nn::TransformerConfig lc = moa::nn::TransformerConfig::llama();
+  lc.dim = 64;
+  lc.n_layers = 12;
+  lc.n_heads = 4;
+  lc.n_kv_heads = 2;
+  lc.hidden_dim = 176;
+  lc.vocab_size = 512;
+  lc.max_seq_len = 64;
+  lora_step("Llama-shaped LoRA step (12 layers, GQA 4/2 heads, RoPE), batch 2 x 32", lc, dev);
   {
     const int64_t B = 4;
     const auto [x, y] = batch(B, 32, c.vocab_size, dev);

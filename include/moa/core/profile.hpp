@@ -108,19 +108,22 @@ class ProfilingBackend final : public DeviceBackend {
     timed("sum_squares_all", [&] { r = inner_.sum_squares_all(buffers); });
     return r;
   }
+  static const char* precision_name(MatmulPrecision p) {
+    static const char* const names[] = {"f32", "tf32", "bf16"};
+    return names[static_cast<int>(p) % 3];
+  }
   void gemm(bool ta, bool tb, int64_t batch, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
             int64_t sa, const float* B, int64_t ldb, int64_t sb, float beta, float* C, int64_t ldc, int64_t sc,
             MatmulPrecision precision) override {
-    static const char* const prec[] = {"f32", "tf32", "bf16"};
-    const std::string key = detail::cat("gemm ", prec[static_cast<int>(precision) % 3], " ", batch > 1 ? detail::cat(batch, "x ") : "",
-                                        M, "x", N, "x", K, ta ? " A^T" : "", tb ? " B^T" : "");
+    const std::string key =
+        detail::cat("gemm ", precision_name(precision), " ", batch > 1 ? detail::cat(batch, "x ") : "", M, "x", N, "x",
+                    K, ta ? " A^T" : "", tb ? " B^T" : "");
     timed(key, [&] { inner_.gemm(ta, tb, batch, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, precision); },
           2.0 * double(batch) * double(M) * double(N) * double(K));
   }
   void gemm_bias(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                  int64_t ldb, const float* bias, float* C, int64_t ldc, MatmulPrecision precision) override {
-    static const char* const prec[] = {"f32", "tf32", "bf16"};
-    const std::string key = detail::cat("gemm+bias ", prec[static_cast<int>(precision) % 3], " ", M, "x", N, "x", K,
+    const std::string key = detail::cat("gemm+bias ", precision_name(precision), " ", M, "x", N, "x", K,
                                         ta ? " A^T" : "", tb ? " B^T" : "");
     timed(
         key, [&] { inner_.gemm_bias(ta, tb, M, N, K, A, lda, B, ldb, bias, C, ldc, precision); },
