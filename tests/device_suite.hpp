@@ -216,6 +216,34 @@ inline void ops(Device dev, double tol) {
           return grouped_lora_add(x[6] * 1.0, x[0], {x[1], x[2]}, {x[3], x[4]}, rows2, {1, 0, 0, 1, 1, 0}, x[5], 0.5);
         },
         t);
+    // The layer and its experts as one op: x's gradient is g W with the experts' part accumulated
+    // onto it (one expert per row: the backend's stored-dx path must add here), then top-2 gates
+    // (rows repeat), then no assignment at all (x's gradient is g W alone).
+    check_op(
+        "grouped_lora_linear one expert per row", dev,
+        {rnd({2, 3, 8}, 73), rnd({6, 8}, 74), rnd({6}, 75), rnd({4, 8}, 76), rnd({4, 8}, 77), rnd({6, 4}, 78),
+         rnd({6, 4}, 79)},
+        {true, true, true, true, true, true, true},
+        [&](const V& x) {
+          return grouped_lora_linear(x[0], x[1], x[2], {x[3], x[4]}, {x[5], x[6]}, {0, 1, 2, 3, 4, 5},
+                                     {1, 0, 1, 1, 0, 0}, Tensor(), 2.0);
+        },
+        t);
+    check_op(
+        "grouped_lora_linear top-2 gates, no bias", dev,
+        {rnd({3, 8}, 80), rnd({6, 8}, 81), rnd({4, 8}, 82), rnd({4, 8}, 83), rnd({4, 8}, 84), rnd({6, 4}, 85),
+         rnd({6, 4}, 86), rnd({6, 4}, 87), rnd({6}, 88, 0.1, 1.0)},
+        {true, true, true, true, true, true, true, true, true},
+        [&](const V& x) {
+          return grouped_lora_linear(x[0], x[1], Tensor(), {x[2], x[3], x[4]}, {x[5], x[6], x[7]}, rows2, experts2,
+                                     x[8], 0.5);
+        },
+        t);
+    check_op(
+        "grouped_lora_linear without assignments", dev,
+        {rnd({3, 8}, 89), rnd({6, 8}, 90), rnd({6}, 91), rnd({4, 8}, 92), rnd({6, 4}, 93)},
+        {true, true, true, false, false},
+        [&](const V& x) { return grouped_lora_linear(x[0], x[1], x[2], {x[3]}, {x[4]}, {}, {}, Tensor(), 1.0); }, t);
   }
 }
 

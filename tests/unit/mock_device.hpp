@@ -294,7 +294,7 @@ class MockDevice final : public DeviceBackend {
                              const int32_t* rows, const int32_t* seg, const float* w, float scale,
                              const GroupedLoRADims& d, bool) override {
     if (d.write_grads) {  // written, not accumulated: as if zeroed first
-      if (dx) std::fill(host(dx), host(dx) + d.N * d.In, 0.f);
+      if (dx && !d.add_dx) std::fill(host(dx), host(dx) + d.N * d.In, 0.f);
       for (float* p : dA)
         if (p) std::fill(host(p), host(p) + d.R * d.In, 0.f);
       for (float* p : dB)

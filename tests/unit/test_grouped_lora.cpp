@@ -139,6 +139,80 @@ TEST_CASE(
       {"grouped_lora_add", "base"});
 }
 
+TEST_CASE("grouped_lora_linear: the layer and its experts in one op, as linear() then grouped_lora_add()") {
+  Generator g(6);
+  const int64_t In = 5, Out = 4, R = 2, E = 3;
+  // f64 against finite differences: x (2, 3, In), top-2 gates with repeated rows and an unused
+  // expert, every input needing a gradient; with and without bias.
+  Tensor x = Tensor::randn({2, 3, In}, g, DType::f64).set_requires_grad();
+  Tensor W = Tensor::randn({Out, In}, g, DType::f64).set_requires_grad();
+  Tensor b = Tensor::randn({Out}, g, DType::f64).set_requires_grad();
+  Experts ex = make_experts(E, R, In, Out, g, DType::f64, true);
+  const std::vector<int32_t> rows{0, 0, 1, 2, 3, 4, 5, 5}, experts{0, 1, 1, 0, 0, 1, 0, 1};
+  Tensor w = Tensor::rand({8}, g, DType::f64, 0.1, 1.0).set_requires_grad();
+  std::vector<Tensor> in{x, W, b, w};
+  in.insert(in.end(), ex.A.begin(), ex.A.end());
+  in.insert(in.end(), ex.B.begin(), ex.B.end());
+  const auto f = [&](const std::vector<Tensor>& v) {
+    return grouped_lora_linear(v[0], v[1], v[2], {v[4], v[5], v[6]}, {v[7], v[8], v[9]}, rows, experts, v[3], 0.7);
+  };
+  const auto r = autograd::gradcheck(f, in);
+  INFO(r.message);
+  CHECK(r.ok);
+  const auto f_nobias = [&](const std::vector<Tensor>& v) {
+    return grouped_lora_linear(v[0], v[1], Tensor(), {v[3], v[4], v[5]}, {v[6], v[7], v[8]}, rows, experts, v[2], 0.7);
+  };
+  std::vector<Tensor> in2{x, W, w};
+  in2.insert(in2.end(), ex.A.begin(), ex.A.end());
+  in2.insert(in2.end(), ex.B.begin(), ex.B.end());
+  const auto r2 = autograd::gradcheck(f_nobias, in2);
+  INFO(r2.message);
+  CHECK(r2.ok);
+  const Tensor y = f(in);
+  CHECK(y.shape() == Shape{2, 3, Out});
+  CHECK(test::max_abs_diff(
+            y, grouped_lora_add(linear(x, W, b), x.reshape({6, In}), ex.A, ex.B, rows, experts, w, 0.7)) < 1e-12);
+
+  // f32, one expert per row (MoA), the base frozen: the same values and expert gradients as the two
+  // ops it replaces, bit for bit; dx sums the same two terms in another order.
+  auto run = [&](bool fused) {
+    Generator g2(7);
+    Tensor xf = Tensor::randn({3, 5, In}, g2).set_requires_grad();
+    Tensor Wf = Tensor::randn({Out, In}, g2), bf = Tensor::randn({Out}, g2);
+    Experts e2 = make_experts(2, R, In, Out, g2, DType::f32, true);
+    std::vector<int32_t> rr(15), ee(15);
+    for (int32_t n = 0; n < 15; ++n) {
+      rr[n] = n;
+      ee[n] = n / 5 == 1 ? 1 : 0;
+    }
+    Tensor yf = fused ? grouped_lora_linear(xf, Wf, bf, e2.A, e2.B, rr, ee, Tensor(), 2.0)
+                      : grouped_lora_add(linear(xf, Wf, bf), xf.reshape({15, In}), e2.A, e2.B, rr, ee, Tensor(), 2.0);
+    sum(yf * yf).backward();
+    return std::vector<Tensor>{yf, xf.grad(), e2.A[0].grad(), e2.B[1].grad()};
+  };
+  const auto fused = run(true), plain = run(false);
+  CHECK(fused[0].to_vector<float>() == plain[0].to_vector<float>());
+  double mag = 0;
+  for (double v : plain[1].to_vector<double>()) mag = std::max(mag, std::fabs(v));
+  CHECK(test::max_abs_diff(fused[1], plain[1]) <= 1e-6 * mag);
+  CHECK(fused[2].to_vector<float>() == plain[2].to_vector<float>());
+  CHECK(fused[3].to_vector<float>() == plain[3].to_vector<float>());
+
+  test::check_throws_with<ShapeError>(
+      [&] {
+        (void)grouped_lora_linear(x, Tensor::zeros({Out + 1, In}, DType::f64), Tensor(), ex.A, ex.B, rows, experts, w,
+                                  0.7);
+      },
+      {"grouped_lora", "base", "5"});
+  test::check_throws_with<ShapeError>(
+      [&] {
+        (void)grouped_lora_linear(Tensor::zeros({6, In + 1}, DType::f64), W, b, ex.A, ex.B, rows, experts, w, 0.7);
+      },
+      {"linear", "[6, 6]"});
+  test::check_throws_with<ShapeError>([&] { (void)grouped_lora_linear(x, b, b, ex.A, ex.B, rows, experts, w, 0.7); },
+                                      {"grouped_lora_linear", "weight (Out, In)"});
+}
+
 TEST_CASE("grouped_lora: bad input") {
   Generator g(4);
   Tensor x = Tensor::randn({3, 4}, g);

@@ -62,6 +62,9 @@ struct GroupedLoRADims {
   // Backward: dx, dA_e and dB_e written (zeros where no assignment adds) instead of accumulated,
   // so the caller need not zero them; see grouped_lora_backward.
   bool write_grads = false;
+  // With write_grads: dx is still accumulated (it holds another op's part of the input gradient,
+  // e.g. g W of the linear the adapter sits beside); dA_e and dB_e are written.
+  bool add_dx = false;
 };
 
 // One parameter of a multi-tensor AdamW step: n values of the weights w, moments m and v and the
@@ -233,7 +236,8 @@ class DeviceBackend {
   // Backward with g = dL/dy (N, Out): dx (N, In) accumulated, dA_e / dB_e accumulated (host vectors
   // of device pointers; a null entry or an empty vector: not wanted), dw (M, grouped order) written
   // (null: not wanted); dh (M, R) scratch supplied by the caller. With d.write_grads, dx, dA_e and
-  // dB_e are written instead: every element, also when M == 0 or expert e has no assignment.
+  // dB_e are written instead: every element, also when M == 0 or expert e has no assignment (dx
+  // stays accumulated when d.add_dx).
   virtual void grouped_lora_backward(float* dx, const std::vector<float*>& dA, const std::vector<float*>& dB,
                                      float* dw, float* dh, const float* g, const float* x, const float* h,
                                      const std::vector<const float*>& A, const std::vector<const float*>& B,

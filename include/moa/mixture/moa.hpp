@@ -84,9 +84,24 @@ class MoAAdapter : public nn::LinearAdapter {
     for (std::size_t e = 0; e < c.domains.size(); ++e) experts_->push_back(std::make_shared<Expert>(in, out, c.rank, gen));
   }
 
-  Tensor forward(const Tensor& x, const Tensor& base_out) override { return apply(x, base_out, false); }
+  Tensor forward(const Tensor& x, const Tensor& base_out) override {
+    return apply(x, [&](const Grouping& a) {
+      return grouped_lora_add(base_out, x.reshape({-1, in_}), a.A, a.B, a.rows, a.experts, a.weights, scale_, a.cache);
+    });
+  }
   // The base output handed over: the experts' product is added onto its memory (no copy, no add).
-  Tensor forward_owned(const Tensor& x, Tensor base_out) override { return apply(x, std::move(base_out), true); }
+  Tensor forward_owned(const Tensor& x, Tensor base_out) override {
+    return apply(x, [&](const Grouping& a) {
+      return grouped_lora_add(std::move(base_out), x.reshape({-1, in_}), a.A, a.B, a.rows, a.experts, a.weights, scale_,
+                              a.cache);
+    });
+  }
+  // The whole layer as one op (grouped_lora_linear): x gets one gradient.
+  Tensor forward_linear(const Tensor& x, const Tensor& weight, const Tensor& bias) override {
+    return apply(x, [&](const Grouping& a) {
+      return grouped_lora_linear(x, weight, bias, a.A, a.B, a.rows, a.experts, a.weights, scale_, a.cache);
+    });
+  }
 
   std::shared_ptr<nn::ModuleList<Expert>> experts() const { return experts_; }
   int64_t layer() const { return layer_; }
@@ -102,21 +117,25 @@ class MoAAdapter : public nn::LinearAdapter {
   }
 
  private:
-  // base_out + the routed experts' product, onto base_out's memory when owned and held by nothing else.
-  Tensor apply(const Tensor& x, Tensor base_out, bool owned) {
-    const int64_t N = x.numel() / in_;
+  // What one call of the grouped product needs besides x: the experts and this call's assignments.
+  struct Grouping {
     std::vector<Tensor> A, B;
+    std::vector<int32_t> rows, experts;
+    Tensor weights;
+    GroupingCache* cache = nullptr;
+  };
+
+  // op(grouping): the routed experts' product for x, added onto the base output by op.
+  template <class Op>
+  Tensor apply(const Tensor& x, Op&& op) {
+    const int64_t N = x.numel() / in_;
+    Grouping a;
     for (const auto& e : *experts_) {
-      A.push_back(e->lora_A);
-      B.push_back(e->lora_B);
+      a.A.push_back(e->lora_A);
+      a.B.push_back(e->lora_B);
     }
     const RoutingState& r = *routing_;
-    const auto add = [&](const std::vector<int32_t>& rows, const std::vector<int32_t>& experts, const Tensor& w) {
-      const Tensor xr = x.reshape({N, in_});
-      GroupingCache* cache = r.grouping_cache(layer_);
-      return owned ? grouped_lora_add(std::move(base_out), xr, A, B, rows, experts, w, scale_, cache)
-                   : grouped_lora_add(base_out, xr, A, B, rows, experts, w, scale_, cache);
-    };
+    a.cache = r.grouping_cache(layer_);
     if (r.mode == RoutingMode::sequence) {
       std::vector<int32_t> se = r.seq_expert.at(static_cast<std::size_t>(layer_));
       if (const auto* sub = nn::RowScope::rows()) {  // a forward over some rows of the batch
@@ -130,16 +149,19 @@ class MoAAdapter : public nn::LinearAdapter {
       MOA_CHECK(Bn > 0 && N % Bn == 0 && (x.dim() < 3 || x.size(0) == Bn), ShapeError, "MoA: routing gives ", Bn,
                 " sequences, the layer input has shape ", shape_str(x.shape()));
       const int64_t T = N / Bn;
-      std::vector<int32_t> rows(static_cast<std::size_t>(N)), experts(static_cast<std::size_t>(N));
+      a.rows.resize(static_cast<std::size_t>(N));
+      a.experts.resize(static_cast<std::size_t>(N));
       for (int64_t n = 0; n < N; ++n) {
-        rows[n] = static_cast<int32_t>(n);
-        experts[n] = se[static_cast<std::size_t>(n / T)];
+        a.rows[n] = static_cast<int32_t>(n);
+        a.experts[n] = se[static_cast<std::size_t>(n / T)];
       }
-      return add(rows, experts, Tensor());
     } else {
       const auto l = static_cast<std::size_t>(layer_);
-      return add(r.rows.at(l), r.experts.at(l), r.weights.at(l));
+      a.rows = r.rows.at(l);
+      a.experts = r.experts.at(l);
+      a.weights = r.weights.at(l);
     }
+    return op(a);
   }
 
   int64_t layer_, in_, out_, rank_;

@@ -16,6 +16,7 @@
 #include "moa/autograd/node.hpp"
 #include "moa/core/tensor.hpp"
 #include "moa/kernels/cpu/gemm.hpp"
+#include "moa/ops/matmul.hpp"
 
 namespace moa {
 
@@ -126,6 +127,23 @@ class GroupingCache {
 
 namespace detail {
 
+// The linear x W^T + b that grouped_lora_linear's product is added onto: formed inside the op, so
+// its weight and bias are the op's last inputs and x gets one gradient (g W, the experts' part
+// accumulated onto it).
+struct GroupedLinear {
+  Tensor weight, bias;  // weight undefined: none
+  bool defined() const { return weight.defined(); }
+};
+
+// The linear part's gradients: dW = g^T x and db = sum of g's rows into r[first] and r[first + 1],
+// and the input gradient's first part g W (N, In), returned (undefined when x needs none).
+inline Tensor grouped_linear_grads(const GroupedLinear& lin, const Tensor& g2, const Tensor& xd,
+                                   const std::vector<char>& needs, std::size_t first, std::vector<Tensor>& r) {
+  if (needs[first]) r[first] = matmul_forward(g2.transpose(0, 1), xd);  // (Out, In)
+  if (needs[first + 1]) r[first + 1] = sum(g2, {0});                    // (Out)
+  return needs[0] ? matmul_forward(g2, lin.weight) : Tensor();          // (N, In)
+}
+
 // The output the product is added onto: zeros (N, Out), or base's values in base's shape (its own
 // memory when handed over and held alone, else a copy).
 inline Tensor grouped_out(const Tensor& base, bool reuse, int64_t N, int64_t Out, DType dt, Device dev) {
@@ -139,7 +157,7 @@ inline Tensor grouped_out(const Tensor& base, bool reuse, int64_t N, int64_t Out
 // with a GroupingCache).
 inline Tensor grouped_lora_device(const Tensor& x, const std::vector<Tensor>& A, const std::vector<Tensor>& B,
                                   const DeviceGrouping& grouping, const Tensor& weights, double scale,
-                                  const Tensor& base, bool reuse_base) {
+                                  const Tensor& base, bool reuse_base, const GroupedLinear& lin) {
   check_device_f32(x, "grouped_lora");
   const Device dev = x.device();
   const int64_t E = static_cast<int64_t>(A.size()), N = x.size(0), In = x.size(1), Out = B[0].size(0);
@@ -176,56 +194,62 @@ inline Tensor grouped_lora_device(const Tensor& x, const std::vector<Tensor>& A,
     backend(dev).grouped_lora_forward(out.data<float>(), h.data<float>(), xc.data<float>(), pA, pB,
                                       rows_d.data<int32_t>(), seg_d.data<int32_t>(),
                                       wg.defined() ? wg.data<float>() : nullptr, static_cast<float>(scale), dims, unique);
+  const bool has_base = base.defined() && !lin.defined();
   std::vector<Tensor> inputs = grouped_inputs(x, weights, A, B);
-  const bool has_base = base.defined();
   if (has_base) inputs.push_back(base);
+  if (lin.defined()) inputs.insert(inputs.end(), {lin.weight, lin.bias});
   if (autograd::needs_graph(inputs)) {
     const std::vector<Tensor> Ad = detached(Ac), Bd = detached(Bc);
-    autograd::record(
-        "grouped_lora", out, inputs,
-        [xd = xc.detach(), wg, h, Ad, Bd, rows_d, seg_d, order_d, begin = grouping.begin, scale, dims, unique,
-         has_base](const Tensor& g, const std::vector<char>& needs) {
-          const int64_t E = dims.E, M = dims.M;
-          const Device dev = g.device();
-          std::vector<Tensor> r(static_cast<std::size_t>(2 + 2 * E + (has_base ? 1 : 0)));
-          if (has_base && needs[2 + 2 * E]) r[2 + 2 * E] = g;  // d(base + product) / d base
-          if (needs[1]) r[1] = Tensor::zeros({M}, DType::f32, dev);
-          if (M == 0) {
-            if (needs[0]) r[0] = Tensor::zeros({dims.N, dims.In}, DType::f32, dev);
-            return r;
-          }
-          // dx, dA and dB are written by the backend (GroupedLoRADims::write_grads), not zeroed here
-          // and added into: no fill per expert and none of the full-size dx when every row has one
-          // assignment.
-          if (needs[0]) r[0] = Tensor::empty({dims.N, dims.In}, DType::f32, dev);
-          std::vector<float*> dA(static_cast<std::size_t>(E), nullptr), dB(static_cast<std::size_t>(E), nullptr);
-          std::vector<const float*> pA, pB;
-          for (int64_t e = 0; e < E; ++e) {
-            pA.push_back(Ad[e].data<float>());
-            pB.push_back(Bd[e].data<float>());
-            if (begin[e + 1] == begin[e]) continue;  // no rows: no gradient for this expert
-            if (needs[2 + e]) {
-              r[2 + e] = Tensor::empty(Ad[e].shape(), DType::f32, dev);
-              dA[e] = r[2 + e].data<float>();
-            }
-            if (needs[2 + E + e]) {
-              r[2 + E + e] = Tensor::empty(Bd[e].shape(), DType::f32, dev);
-              dB[e] = r[2 + E + e].data<float>();
-            }
-          }
-          GroupedLoRADims written = dims;
-          written.write_grads = true;
-          Tensor dh = Tensor::empty({M, dims.R}, DType::f32, dev);
-          Tensor dwg = needs[1] ? Tensor::empty({M}, DType::f32, dev) : Tensor();
-          backend(dev).grouped_lora_backward(
-              needs[0] ? r[0].data<float>() : nullptr, dA, dB, dwg.defined() ? dwg.data<float>() : nullptr,
-              dh.data<float>(), g.contiguous().data<float>(), xd.data<float>(), h.data<float>(), pA, pB,
-              rows_d.data<int32_t>(), seg_d.data<int32_t>(), wg.defined() ? wg.data<float>() : nullptr,
-              static_cast<float>(scale), written, unique);
-          if (dwg.defined())  // back to the caller's order: dw[order[j]] = dwg[j]
-            backend(dev).put_add(r[1].data<float>(), order_d.data<int32_t>(), dwg.data<float>(), M);
-          return r;
-        });
+    const GroupedLinear lind{lin.defined() ? lin.weight.detach().contiguous() : Tensor(), Tensor()};
+    autograd::record(lin.defined() ? "grouped_lora_linear" : "grouped_lora", out, inputs,
+                     [xd = xc.detach(), wg, h, Ad, Bd, rows_d, seg_d, order_d, begin = grouping.begin, scale, dims,
+                      unique, has_base, lind, n = inputs.size()](const Tensor& g, const std::vector<char>& needs) {
+                       const int64_t E = dims.E, M = dims.M;
+                       const Device dev = g.device();
+                       std::vector<Tensor> r(n);
+                       if (has_base && needs[2 + 2 * E]) r[2 + 2 * E] = g;  // d(base + product) / d base
+                       if (needs[1]) r[1] = Tensor::zeros({M}, DType::f32, dev);
+                       const Tensor g2 = g.contiguous().view({dims.N, dims.Out});
+                       // With the linear part, dx starts as g W and the experts' part is accumulated onto it.
+                       if (lind.defined()) r[0] = grouped_linear_grads(lind, g2, xd, needs, n - 2, r);
+                       if (M == 0) {
+                         if (needs[0] && !lind.defined()) r[0] = Tensor::zeros({dims.N, dims.In}, DType::f32, dev);
+                         return r;
+                       }
+                       // dx, dA and dB are written by the backend (GroupedLoRADims::write_grads), not zeroed here
+                       // and added into: no fill per expert and none of the full-size dx when every row has one
+                       // assignment.
+                       if (needs[0] && !lind.defined()) r[0] = Tensor::empty({dims.N, dims.In}, DType::f32, dev);
+                       std::vector<float*> dA(static_cast<std::size_t>(E), nullptr),
+                           dB(static_cast<std::size_t>(E), nullptr);
+                       std::vector<const float*> pA, pB;
+                       for (int64_t e = 0; e < E; ++e) {
+                         pA.push_back(Ad[e].data<float>());
+                         pB.push_back(Bd[e].data<float>());
+                         if (begin[e + 1] == begin[e]) continue;  // no rows: no gradient for this expert
+                         if (needs[2 + e]) {
+                           r[2 + e] = Tensor::empty(Ad[e].shape(), DType::f32, dev);
+                           dA[e] = r[2 + e].data<float>();
+                         }
+                         if (needs[2 + E + e]) {
+                           r[2 + E + e] = Tensor::empty(Bd[e].shape(), DType::f32, dev);
+                           dB[e] = r[2 + E + e].data<float>();
+                         }
+                       }
+                       GroupedLoRADims written = dims;
+                       written.write_grads = true;
+                       written.add_dx = lind.defined();
+                       Tensor dh = Tensor::empty({M, dims.R}, DType::f32, dev);
+                       Tensor dwg = needs[1] ? Tensor::empty({M}, DType::f32, dev) : Tensor();
+                       backend(dev).grouped_lora_backward(
+                           needs[0] ? r[0].data<float>() : nullptr, dA, dB, dwg.defined() ? dwg.data<float>() : nullptr,
+                           dh.data<float>(), g2.data<float>(), xd.data<float>(), h.data<float>(), pA, pB,
+                           rows_d.data<int32_t>(), seg_d.data<int32_t>(), wg.defined() ? wg.data<float>() : nullptr,
+                           static_cast<float>(scale), written, unique);
+                       if (dwg.defined())  // back to the caller's order: dw[order[j]] = dwg[j]
+                         backend(dev).put_add(r[1].data<float>(), order_d.data<int32_t>(), dwg.data<float>(), M);
+                       return r;
+                     });
   }
   return out;
 }
@@ -236,7 +260,8 @@ namespace detail {
 
 inline Tensor grouped_lora(const Tensor& x, const std::vector<Tensor>& A, const std::vector<Tensor>& B,
                            const std::vector<int32_t>& rows, const std::vector<int32_t>& experts, const Tensor& weights,
-                           double scale, GroupingCache* cache, const Tensor& base, bool reuse_base) {
+                           double scale, GroupingCache* cache, const Tensor& base, bool reuse_base,
+                           const GroupedLinear& lin = {}) {
   const int64_t E = static_cast<int64_t>(A.size());
   MOA_CHECK(E >= 1 && B.size() == A.size(), ValueError, "grouped_lora: expected at least one expert and as many B as A, got ",
             A.size(), " A and ", B.size(), " B");
@@ -273,10 +298,10 @@ inline Tensor grouped_lora(const Tensor& x, const std::vector<Tensor>& A, const 
   if (on_device(x)) {
     if (cache)
       return detail::grouped_lora_device(x, A, B, cache->get(rows, experts, E, N, x.device()), weights, scale, base,
-                                         reuse_base);
+                                         reuse_base, lin);
     return detail::grouped_lora_device(
         x, A, B, detail::upload_grouping(rows, detail::group_by_expert(experts, E), N, x.device()), weights, scale,
-        base, reuse_base);
+        base, reuse_base, lin);
   }
   const detail::ExpertGroups groups = detail::group_by_expert(experts, E);
   const Tensor xc = x.contiguous();
@@ -314,19 +339,24 @@ inline Tensor grouped_lora(const Tensor& x, const std::vector<Tensor>& A, const 
     }
   });
 
+  const bool has_base = base.defined() && !lin.defined();
   std::vector<Tensor> inputs = detail::grouped_inputs(x, weights, A, B);
-  const bool has_base = base.defined();
   if (has_base) inputs.push_back(base);
+  if (lin.defined()) inputs.insert(inputs.end(), {lin.weight, lin.bias});
   if (autograd::needs_graph(inputs)) {
     const std::vector<Tensor> Ad = detail::detached(Ac), Bd = detail::detached(Bc);
+    const detail::GroupedLinear lind{lin.defined() ? lin.weight.detach().contiguous() : Tensor(), Tensor()};
     autograd::record(
-        "grouped_lora", out, inputs,
+        lin.defined() ? "grouped_lora_linear" : "grouped_lora", out, inputs,
         [xd = xc.detach(), wd = wc.defined() ? wc.detach() : Tensor(), Ad, Bd, H, groups, rows, scale, E, N, In, Out,
-         has_base](const Tensor& g, const std::vector<char>& needs) {
-          std::vector<Tensor> r(static_cast<std::size_t>(2 + 2 * E + (has_base ? 1 : 0)));
-          if (has_base && needs[2 + 2 * E]) r[2 + 2 * E] = g;  // d(base + product) / d base
+         has_base, lind, n = inputs.size()](const Tensor& g_in, const std::vector<char>& needs) {
+          std::vector<Tensor> r(n);
+          const Tensor g = g_in.contiguous().view({N, Out});
+          if (has_base && needs[2 + 2 * E]) r[2 + 2 * E] = g_in;  // d(base + product) / d base
           const bool need_x = needs[0], need_w = needs[1];
-          if (need_x) r[0] = Tensor::zeros({N, In}, g.dtype());
+          // With the linear part, dx starts as g W and the experts' part is accumulated onto it.
+          if (lind.defined()) r[0] = detail::grouped_linear_grads(lind, g, xd, needs, n - 2, r);
+          if (need_x && !lind.defined()) r[0] = Tensor::zeros({N, In}, g.dtype());
           if (need_w) r[1] = Tensor::zeros({static_cast<int64_t>(rows.size())}, g.dtype());
           detail::dispatch_float(g.dtype(), "grouped_lora", [&]<class T>() {
             const T* pg = g.data<T>();
@@ -419,6 +449,27 @@ inline Tensor grouped_lora_add(Tensor&& base, const Tensor& x, const std::vector
                                GroupingCache* cache = nullptr) {
   MOA_CHECK(base.defined(), ValueError, "grouped_lora_add: expected a defined base");
   return detail::grouped_lora(x, A, B, rows, experts, weights, scale, cache, base, true);
+}
+
+// The adapted layer linear(x, weight, bias) + grouped_lora(x, ...) as one op: the experts' product
+// is added onto the linear's output in its memory, and x gets one gradient, g W with the experts'
+// part accumulated onto it by the backend (where grouped_lora_add would leave the engine two (N, In)
+// gradients to add). x (..., In) with N rows, weight (Out, In), bias (Out) or undefined
+// -> (..., Out). rows, experts, weights, scale and cache as for grouped_lora.
+inline Tensor grouped_lora_linear(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                  const std::vector<Tensor>& A, const std::vector<Tensor>& B,
+                                  const std::vector<int32_t>& rows, const std::vector<int32_t>& experts,
+                                  const Tensor& weights, double scale, GroupingCache* cache = nullptr) {
+  MOA_CHECK(x.defined() && weight.defined(), ValueError, "grouped_lora_linear: expected defined x and weight");
+  MOA_CHECK(weight.dim() == 2, ShapeError, "grouped_lora_linear: expected weight (Out, In), got ",
+            shape_str(weight.shape()));
+  Tensor base;
+  {
+    NoGradGuard no_grad;
+    base = linear(x, weight, bias);  // checks x, weight and bias
+  }
+  return detail::grouped_lora(x.reshape({-1, weight.size(1)}), A, B, rows, experts, weights, scale, cache, base, true,
+                              detail::GroupedLinear{weight, bias});
 }
 
 }  // namespace moa

@@ -834,8 +834,14 @@ class CudaBackend final : public DeviceBackend {
   }
 
   static GroupedLoRAShape lora_shape(const GroupedLoRADims& d) {
-    return GroupedLoRAShape{
-        .N = d.N, .M = d.M, .E = d.E, .In = d.In, .Out = d.Out, .R = d.R, .write_grads = d.write_grads};
+    return GroupedLoRAShape{.N = d.N,
+                            .M = d.M,
+                            .E = d.E,
+                            .In = d.In,
+                            .Out = d.Out,
+                            .R = d.R,
+                            .write_grads = d.write_grads,
+                            .add_dx = d.add_dx};
   }
 
   static void check_expert_vectors(const char* op, int64_t E, std::size_t nA, std::size_t nB, std::size_t ndA,

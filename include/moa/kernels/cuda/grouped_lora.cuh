@@ -42,6 +42,8 @@ struct GroupedLoRAShape {
   // where each element has one writer (dx when the rows are a permutation, M == N with unique rows;
   // dA, dB when one slice covers each expert) and zero the rest in one launch before adding.
   bool write_grads = false;
+  // With write_grads: dx is accumulated all the same (dA_e and dB_e are written).
+  bool add_dx = false;
 };
 
 namespace detail {
@@ -319,7 +321,8 @@ inline void grouped_lora_forward(float* y, float* h, const float* x, const float
 //   dA_e  += sum_j dh[j]^T x[rows[j]]                 (accumulated; dA null or dA[e] null: not wanted)
 //   dB_e  += sum_j scale * w_j g[rows[j]]^T h[j]      (accumulated; likewise)
 // dA and dB are device arrays of E pointers. Experts without assignments get nothing added. With
-// s.write_grads, dx, dA_e and dB_e are written instead (= in place of +=; zeros where nothing adds).
+// s.write_grads, dx, dA_e and dB_e are written instead (= in place of +=; zeros where nothing adds);
+// with s.add_dx as well, dx is still accumulated.
 inline void grouped_lora_backward(float* dx, float* const* dA, float* const* dB, float* dw, float* dh, const float* g,
                                   const float* x, const float* h, const float* const* A, const float* const* B,
                                   const int32_t* rows, const int32_t* seg, const float* w, float scale,
@@ -332,10 +335,11 @@ inline void grouped_lora_backward(float* dx, float* const* dA, float* const* dB,
   // Written outputs: dx is stored directly when every row has exactly one assignment, dA / dB when
   // one slice covers each expert; what is still added into is zeroed first (dx by one launch, every
   // expert's dA and dB by one more).
-  const bool store_dx = s.write_grads && s.M == s.N && rows_unique;
+  const bool write_dx = s.write_grads && !s.add_dx;
+  const bool store_dx = write_dx && s.M == s.N && rows_unique;
   const bool store_w = s.write_grads && slices == 1 && s.M > 0;
   auto blocks_for = [](int64_t n) { return static_cast<unsigned>((n + 255) / 256 < 1024 ? (n + 255) / 256 : 1024); };
-  if (s.write_grads && dx && !store_dx && s.N > 0) {
+  if (write_dx && dx && !store_dx && s.N > 0) {
     MOA_CUDA_LAUNCH(detail::zero_kernel, blocks_for(s.N * s.In), 256, 0, stream, dx, s.N * s.In);
     MOA_CUDA_LAUNCH_CHECK();
   }
