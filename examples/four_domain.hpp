@@ -395,9 +395,9 @@ inline double answer_nll(MoAModel& m, const std::vector<const Encoded*>& rows, i
                          int64_t* n_tokens, std::vector<int32_t>* routed = nullptr) {
   NoGradGuard ng;
   const MoABatch b = make_batch(rows, pad);
-  Tensor logits;
+  Tensor loss;
   if (how == Chooser::token) {
-    logits = m.forward_token_topk(b.ids);
+    loss = cross_entropy(m.forward_token_topk(b.ids), b.targets);
   } else {
     std::vector<int32_t> ex(b.domain.size(), 0);
     if (how == Chooser::domain) ex = b.domain;
@@ -405,12 +405,12 @@ inline double answer_nll(MoAModel& m, const std::vector<const Encoded*>& rows, i
       ex = m.route(b);
       if (routed) routed->insert(routed->end(), ex.begin(), ex.end());
     }
-    logits = m.forward(b, ex);
+    loss = m.lm_loss(b, ex);
   }
   const auto tg = b.targets.to_vector<int32_t>();
   const int64_t n = std::count_if(tg.begin(), tg.end(), [](int32_t t) { return t != train::kIgnore; });
   *n_tokens += n;
-  return cross_entropy(logits, b.targets).item<double>() * static_cast<double>(n);
+  return loss.item<double>() * static_cast<double>(n);
 }
 
 // Greedy answers (until EOS or max_new tokens) to the prompts of `rows`.
@@ -801,18 +801,23 @@ inline nlohmann::json run(const Options& o) {
       if (!done) {
         Sampler sampler(train_enc, seed_of(ph));
         MoAModel* mp = m.get();
-        runner.train({.name = ph, .steps = steps, .params = named(m->expert_parameters(d), "p"), .domains = {d},
-                      .loss = [mp](const MoABatch& b) {
-                        Tensor lm = cross_entropy(mp->forward(b, b.domain), b.targets);
-                        return std::pair{lm, lm};
-                      },
-                      .after_step = [&, mp, d](int64_t step) {
-                        if (step != p.s1_steps) return;
-                        io::TensorMap t;
-                        const auto ps = mp->expert_parameters(d);
-                        for (std::size_t i = 0; i < ps.size(); ++i) t["p" + std::to_string(i)] = ps[i];
-                        io::save_safetensors(stage1_file(d), t);
-                      }},
+        runner.train({.name = ph,
+                      .steps = steps,
+                      .params = named(m->expert_parameters(d), "p"),
+                      .domains = {d},
+                      .loss =
+                          [mp](const MoABatch& b) {
+                            Tensor lm = mp->lm_loss(b, b.domain);
+                            return std::pair{lm, lm};
+                          },
+                      .after_step =
+                          [&, mp, d](int64_t step) {
+                            if (step != p.s1_steps) return;
+                            io::TensorMap t;
+                            const auto ps = mp->expert_parameters(d);
+                            for (std::size_t i = 0; i < ps.size(); ++i) t["p" + std::to_string(i)] = ps[i];
+                            io::save_safetensors(stage1_file(d), t);
+                          }},
                      sampler, *eos);
       }
       curves.emplace_back(ph, 0, curve_of(ph));
@@ -858,11 +863,16 @@ inline nlohmann::json run(const Options& o) {
     if (!done) {
       Sampler sampler(train_enc, seed_of("mixed-lora"));
       MoAModel* mp = m.get();
-      runner.train({.name = "mixed-lora", .steps = budget, .params = named(m->expert_parameters(0), "p"), .domains = all,
-                    .loss = [mp](const MoABatch& b) {
-                      Tensor lm = cross_entropy(mp->forward(b, std::vector<int32_t>(b.domain.size(), 0)), b.targets);
-                      return std::pair{lm, lm};
-                    }, .after_step = {}},
+      runner.train({.name = "mixed-lora",
+                    .steps = budget,
+                    .params = named(m->expert_parameters(0), "p"),
+                    .domains = all,
+                    .loss =
+                        [mp](const MoABatch& b) {
+                          Tensor lm = mp->lm_loss(b, std::vector<int32_t>(b.domain.size(), 0));
+                          return std::pair{lm, lm};
+                        },
+                    .after_step = {}},
                    sampler, *eos);
       mixture::save_moa(*m, system_dir("mixed-lora"), base_ref);
     }

@@ -169,6 +169,11 @@ inline void ops(Device dev, double tol) {
              [](const V& x) { return cross_entropy(x[0], x[1]); }, t);
     check_op("cross_entropy device targets", dev, {rnd({3, 5, 13}, 27, -2, 2), tg}, {true, false},
              [](const V& x) { return cross_entropy(x[0], x[1].to(x[0].device())); }, t);
+    // the head and the loss in one op: one chunk, chunks of 4 rows (the last partial), one row
+    for (int64_t chunk : {0, 4, 1})
+      check_op(
+          "linear_cross_entropy chunk " + std::to_string(chunk), dev, {rnd({3, 5, 8}, 94), rnd({13, 8}, 95, -2, 2), tg},
+          {true, true, false}, [chunk](const V& x) { return linear_cross_entropy(x[0], x[1], x[2], -100, chunk); }, t);
   }
   check_op("layer_norm", dev, {rnd({3, 4, 10}, 28), rnd({10}, 29), rnd({10}, 30)}, {true, true, true},
            [](const V& x) { return layer_norm(x[0], x[1], x[2]); }, t);

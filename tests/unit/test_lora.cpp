@@ -239,7 +239,7 @@ TEST_CASE("a frozen base gets no weight gradient: only A and B do, and no (Out x
   Tensor loss = model.loss(ids, targets);
   // Walk the graph: every "linear" node must not want a gradient for its weight (input 1), so its
   // backward never computes dW (moa/ops/matmul.hpp computes r[1] only when needs[1]).
-  int linear_nodes = 0, lora_nodes = 0, no_input_grad = 0;
+  int linear_nodes = 0, lora_nodes = 0, no_input_grad = 0, head_nodes = 0;
   std::vector<autograd::Node*> stack{loss.grad_fn().get()};
   std::unordered_set<autograd::Node*> seen;
   while (!stack.empty()) {
@@ -250,6 +250,11 @@ TEST_CASE("a frozen base gets no weight gradient: only A and B do, and no (Out x
       ++linear_nodes;
       CHECK(n->needs[1] == 0);
       CHECK(n->needs[2] == 0);
+    }
+    if (std::string(n->name) == "linear_cross_entropy") {  // lm_head and the loss: inputs x, weight
+      ++head_nodes;
+      CHECK(n->needs[0] == 1);
+      CHECK(n->needs[1] == 0);
     }
     if (std::string(n->name) == "lora_linear") {  // inputs x, weight, bias, A, B
       ++lora_nodes;
@@ -262,10 +267,11 @@ TEST_CASE("a frozen base gets no weight gradient: only A and B do, and no (Out x
     for (auto& e : n->edges) stack.push_back(e.node.get());
   }
   // 15 linears: the 14 adapted ones are one lora_linear node each (the first layer's q/k/v see no
-  // grad-requiring input: no dx there), lm_head a plain linear.
+  // grad-requiring input: no dx there), lm_head one op with the loss (no dW either).
   CHECK(lora_nodes == 14);
   CHECK(no_input_grad == 3);
-  CHECK(linear_nodes == 1);
+  CHECK(linear_nodes == 0);
+  CHECK(head_nodes == 1);
   loss.backward();
   for (auto& [n, t] : model.named_parameters()) {
     INFO(n);

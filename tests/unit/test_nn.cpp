@@ -156,6 +156,33 @@ TEST_CASE("transformer: cached decoding equals the full forward, for both famili
   }
 }
 
+TEST_CASE("transformer: loss() runs the head and the loss as one op, as cross_entropy(forward())") {
+  for (bool llama : {false, true}) {  // the head tied to the embedding (GPT-2), and its own lm_head
+    CAPTURE(llama);
+    nn::TransformerLM m(tiny(llama), 6);
+    const std::vector<int32_t> x{5, 9, 1, 33, 2, 8, 40, 7, 3, 3, 19, 0}, y{9, 1, 33, 2, 8, 40, -100, 3, 3, 19, 0, 4};
+    const Tensor ids = Tensor::from_vector(x, {2, 6}), tg = Tensor::from_vector(y, {2, 6});
+    auto grads = [&](bool fused) {
+      m.zero_grad();
+      Tensor loss = fused ? m.loss(ids, tg) : cross_entropy(m.forward(ids), tg);
+      CHECK(std::string(loss.grad_fn()->name) == (fused ? "linear_cross_entropy" : "cross_entropy"));
+      loss.backward();
+      std::vector<std::vector<float>> g{{loss.item<float>()}};
+      for (auto& [n, p] : m.named_parameters()) g.push_back(p.grad().to_vector<float>());
+      return g;
+    };
+    const auto fused = grads(true), plain = grads(false);
+    REQUIRE(fused.size() == plain.size());
+    CHECK(fused[0][0] == doctest::Approx(plain[0][0]).epsilon(1e-6));
+    for (std::size_t i = 1; i < fused.size(); ++i) {
+      double mag = 1e-3;
+      for (float v : plain[i]) mag = std::max(mag, static_cast<double>(std::fabs(v)));
+      CHECK(test::max_abs_diff(std::vector<double>(fused[i].begin(), fused[i].end()),
+                               std::vector<double>(plain[i].begin(), plain[i].end())) <= 1e-5 * mag);
+    }
+  }
+}
+
 TEST_CASE("transformer: training reduces the loss on a repeated pattern") {
   nn::TransformerLM m(tiny(true), 5);
   optim::AdamW opt(m.trainable_parameters(), {.lr = 1e-2, .weight_decay = 0.0});

@@ -26,6 +26,7 @@
 #include "moa/ops/attention.hpp"
 #include "moa/ops/elementwise.hpp"
 #include "moa/ops/embedding.hpp"
+#include "moa/ops/linear_loss.hpp"
 #include "moa/ops/loss.hpp"
 #include "moa/ops/norm.hpp"
 #include "moa/ops/reduce.hpp"
@@ -508,6 +509,91 @@ TEST_CASE("cross_entropy: bad inputs") {
                                 {"cross_entropy", "targets", "i32", "f32"});
   check_throws<moa::ValueError>([&] { moa::cross_entropy(Tensor::zeros({2, 3}, DType::i32), t); },
                                 {"cross_entropy", "logits", "i32"});
+}
+
+TEST_CASE("linear_cross_entropy: gradcheck in f64, chunked, with ignored targets") {
+  Generator gen(21);
+  Tensor x = leaf({2, 3, 4}, gen), w = leaf({7, 4}, gen);
+  Tensor t = Tensor::from_vector(std::vector<int32_t>{3, -100, 0, 6, -100, 2}, {2, 3});
+  for (int64_t chunk : {0, 1, 4, 6}) {  // default (one chunk), one row, a partial last chunk, exact
+    CAPTURE(chunk);
+    check_grad([&](const std::vector<Tensor>& in) { return moa::linear_cross_entropy(in[0], in[1], t, -100, chunk); },
+               {x, w});
+  }
+  // a non-contiguous x, and x alone needing a gradient
+  Tensor xt = leaf({4, 6}, gen), w2 = w.detach();
+  Tensor t6 = Tensor::from_vector(std::vector<int32_t>{0, 1, 2, 3, 4, 5});
+  check_grad(
+      [&](const std::vector<Tensor>& in) { return moa::linear_cross_entropy(in[0].transpose(0, 1), w2, t6, -100, 4); },
+      {xt});
+}
+
+TEST_CASE("linear_cross_entropy: cross_entropy(linear(x, W)) in value and gradients, for any chunk size") {
+  Generator gen(22);
+  const int64_t B = 3, T = 7, C = 16, V = 37;
+  const Tensor x0 = Tensor::randn({B, T, C}, gen), w0 = Tensor::randn({V, C}, gen, DType::f32, 0.0, 0.3);
+  std::vector<int32_t> tv(static_cast<std::size_t>(B * T));
+  for (std::size_t i = 0; i < tv.size(); ++i) tv[i] = i % 5 == 2 ? -100 : static_cast<int32_t>((i * 11) % V);
+  const Tensor t = Tensor::from_vector(tv, {B, T});
+  auto run = [&](int64_t chunk, double upstream) {  // chunk < 0: the unfused ops
+    Tensor x = x0.clone().set_requires_grad(), w = w0.clone().set_requires_grad();
+    Tensor loss =
+        chunk < 0 ? moa::cross_entropy(moa::linear(x, w), t) : moa::linear_cross_entropy(x, w, t, -100, chunk);
+    (loss * upstream).backward();
+    return std::vector<Tensor>{loss, x.grad(), w.grad()};
+  };
+  const auto want = run(-1, 1.0);
+  for (int64_t chunk : {0, 1, 5, 8, 21, 100}) {
+    CAPTURE(chunk);
+    const auto got = run(chunk, 1.0);
+    CHECK(got[0].shape() == moa::Shape{});
+    CHECK(got[0].item<double>() == doctest::Approx(want[0].item<double>()).epsilon(1e-6));
+    check_close(got[1].to_vector<float>(), want[1].to_vector<float>(), 1e-6, 1e-4, "dx");
+    check_close(got[2].to_vector<float>(), want[2].to_vector<float>(), 1e-6, 1e-4, "dW");
+  }
+  // The upstream gradient scales both gradients (they are formed in the forward for 1).
+  const auto scaled = run(5, -2.5);
+  check_close(scaled[1].to_vector<float>(), (want[1] * -2.5).to_vector<float>(), 1e-6, 1e-4, "dx * -2.5");
+  check_close(scaled[2].to_vector<float>(), (want[2] * -2.5).to_vector<float>(), 1e-6, 1e-4, "dW * -2.5");
+  // Every target ignored: loss 0 and zero gradients, as cross_entropy.
+  Tensor xi = x0.clone().set_requires_grad();
+  Tensor li = moa::linear_cross_entropy(xi, w0, Tensor::full({B, T}, -100, DType::i32), -100, 4);
+  li.backward();
+  CHECK(li.item<double>() == 0.0);
+  for (float v : xi.grad().to_vector<float>()) CHECK(v == 0.f);
+  // No gradient wanted: the value alone, no graph.
+  {
+    moa::NoGradGuard ng;
+    Tensor x = x0.clone().set_requires_grad();
+    const Tensor l = moa::linear_cross_entropy(x, w0, t, -100, 5);
+    CHECK(l.item<double>() == doctest::Approx(want[0].item<double>()).epsilon(1e-6));
+    CHECK_FALSE(l.requires_grad());
+  }
+}
+
+TEST_CASE("linear_cross_entropy: bad inputs") {
+  const Tensor x = Tensor::zeros({2, 3, 4}), w = Tensor::zeros({5, 4});
+  const Tensor t = Tensor::from_vector(std::vector<int32_t>{0, 1, 2, 3, 4, 5}, {2, 3});
+  check_throws<moa::IndexError>([&] { moa::linear_cross_entropy(x, w, t); },
+                                {"linear_cross_entropy", "target 5", "position [1, 2]", "V = 5", "[2, 3, 5]"});
+  check_throws<moa::ShapeError>([&] { moa::linear_cross_entropy(x, w, Tensor::zeros({6}, DType::i32)); },
+                                {"linear_cross_entropy", "targets of shape [2, 3]", "got [6]"});
+  check_throws<moa::ShapeError>(
+      [&] {
+        moa::linear_cross_entropy(x, Tensor::zeros({5, 3}), t);
+      },
+      {"linear_cross_entropy", "weight (V, C)", "[2, 3, 4]", "[5, 3]"});
+  check_throws<moa::ShapeError>([&] { moa::linear_cross_entropy(Tensor::zeros({4}), w, t); },
+                                {"linear_cross_entropy", "x (..., C)", "[4]"});
+  check_throws<moa::ValueError>(
+      [&] {
+        moa::linear_cross_entropy(x, w, Tensor::zeros({2, 3}));
+      },
+      {"linear_cross_entropy", "targets", "i32"});
+  check_throws<moa::ValueError>([&] { moa::linear_cross_entropy(x, w.to(DType::f64), t); },
+                                {"linear_cross_entropy", "one dtype"});
+  check_throws<moa::ValueError>([&] { moa::linear_cross_entropy(x, w, t, -100, -1); },
+                                {"linear_cross_entropy", "chunk_rows >= 0", "-1"});
 }
 
 // ---------------------------------------------------------------------------------------------

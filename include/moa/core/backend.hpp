@@ -170,7 +170,8 @@ class DeviceBackend {
   // none); lse (N) written.
   virtual void cross_entropy_forward(float* loss, float* lse, const float* logits, const int32_t* targets, int64_t N,
                                      int64_t V, int32_t ignore_index) = 0;
-  // dlogits (N, V) written = (softmax - onehot) * dloss[0] / count (0 on ignored rows).
+  // dlogits (N, V) written = (softmax - onehot) * dloss[0] / count (0 on ignored rows); dlogits may
+  // be logits itself (linear_cross_entropy forms the gradient in the logits' buffer).
   virtual void cross_entropy_backward(float* dlogits, const float* dloss, const float* logits, const float* lse,
                                       const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index) = 0;
   // out, mean, rstd written; bias may be null.

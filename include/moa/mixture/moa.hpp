@@ -249,22 +249,13 @@ class MoAModel : public nn::Module {
   // Teacher-forced forward: sequence b through expert experts[b] in every layer. Returns the logits
   // (B, T, V) and fills router_logits (one (B, E) per layer).
   Tensor forward(const MoABatch& b, const std::vector<int32_t>& experts, std::vector<Tensor>* router_logits = nullptr) {
-    check_batch(b, experts);
-    const int64_t L = base_->config().n_layers;
-    routing_->mode = RoutingMode::sequence;
-    routing_->seq_expert.assign(static_cast<std::size_t>(L), experts);
-    base_->block_hook = nullptr;
-    if (router_logits) {
-      router_logits->clear();
-      // The mask and its pooling weights once for all the layers' routers.
-      const Tensor mask = prompt_mask_of(b), weights = router_weights_of(mask);
-      base_->block_hook = [&, mask, weights](int64_t l, const Tensor& x) {
-        router_logits->push_back(this->router_logits(l, x, mask, weights));
-      };
-    }
-    Tensor logits = base_->forward(b.ids);
-    base_->block_hook = nullptr;
-    return logits;
+    return base_->forward_from_hidden(teacher_forced(b, experts, router_logits));
+  }
+
+  // The language-model loss of the teacher-forced forward: mean cross-entropy over b.targets, with
+  // the head and the loss in one op (no (B, T, V) logits; see TransformerLM::loss_of_hidden).
+  Tensor lm_loss(const MoABatch& b, const std::vector<int32_t>& experts, std::vector<Tensor>* router_logits = nullptr) {
+    return base_->loss_of_hidden(teacher_forced(b, experts, router_logits), b.targets);
   }
 
   // Stage-2 loss: L_LM + eta * mean over layers of CE(router_l, domain). Returns {total, lm, cls}.
@@ -272,8 +263,7 @@ class MoAModel : public nn::Module {
     MOA_CHECK(b.domain.size() == static_cast<std::size_t>(b.ids.size(0)), ValueError,
               "MoAModel::loss: expected a domain label per sequence");
     std::vector<Tensor> rl;
-    const Tensor logits = forward(b, b.domain, c_.eta > 0 ? &rl : nullptr);
-    const Tensor lm = cross_entropy(logits, b.targets);
+    const Tensor lm = lm_loss(b, b.domain, c_.eta > 0 ? &rl : nullptr);
     if (c_.eta <= 0) return {lm, lm, Tensor()};
     // Host labels: cross_entropy checks them on the host, so device ones would be read back per layer.
     const Tensor labels = Tensor::from_vector(b.domain, {static_cast<int64_t>(b.domain.size())});
@@ -403,6 +393,28 @@ class MoAModel : public nn::Module {
   }
 
  private:
+  // The final hidden states (B, T, C) of the teacher-forced forward (see forward()).
+  Tensor teacher_forced(const MoABatch& b, const std::vector<int32_t>& experts, std::vector<Tensor>* router_logits) {
+    check_batch(b, experts);
+    const int64_t L = base_->config().n_layers;
+    routing_->mode = RoutingMode::sequence;
+    routing_->seq_expert.assign(static_cast<std::size_t>(L), experts);
+    base_->block_hook = nullptr;
+    if (router_logits) {
+      router_logits->clear();
+      // The mask and its pooling weights once for all the layers' routers.
+      const Tensor mask = prompt_mask_of(b), weights = router_weights_of(mask);
+      base_->block_hook = [&, mask, weights](int64_t l, const Tensor& x) {
+        router_logits->push_back(this->router_logits(l, x, mask, weights));
+      };
+    }
+    struct Unhook {  // the hook refers to this call's locals: removed however the forward ends
+      nn::TransformerLM& m;
+      ~Unhook() { m.block_hook = nullptr; }
+    } unhook{*base_};
+    return base_->hidden(b.ids);
+  }
+
   // The block hook of token-level top-k routing; adds each layer's balance term to *aux when given.
   std::function<void(int64_t, const Tensor&)> token_hook(std::shared_ptr<Tensor> aux) {
     const int64_t L = base_->config().n_layers, E = num_experts();

@@ -19,6 +19,7 @@
 #include "moa/nn/linear.hpp"
 #include "moa/ops/dropout.hpp"
 #include "moa/ops/elementwise.hpp"
+#include "moa/ops/linear_loss.hpp"
 #include "moa/ops/loss.hpp"
 
 namespace moa::nn {
@@ -168,6 +169,8 @@ class TransformerLM : public Module {
 
   // Logits (B, T, V).
   Tensor forward(const Tensor& ids, KVCache* cache = nullptr) { return logits_of(hidden(ids, cache)); }
+  // Logits (B, T, V) from the final hidden states h (B, T, C), what hidden() returns.
+  Tensor forward_from_hidden(const Tensor& h) { return logits_of(h); }
 
   // Logits of the last position only (B, V): what generation needs, without the (T x V) product.
   Tensor forward_last(const Tensor& ids, KVCache* cache = nullptr) {
@@ -179,7 +182,15 @@ class TransformerLM : public Module {
   // Mean cross-entropy of next-token prediction: targets (B, T) i32, ignore_index marks positions
   // without a loss (padding, prompt tokens).
   Tensor loss(const Tensor& ids, const Tensor& targets, int32_t ignore_index = -100) {
-    return cross_entropy(forward(ids), targets, ignore_index);
+    return loss_of_hidden(hidden(ids), targets, ignore_index);
+  }
+  // The same from the final hidden states h (B, T, C), what hidden() returns. The head and the loss
+  // are one op (linear_cross_entropy: the (B, T, V) logits are never formed) unless the head has an
+  // adapter or a bias.
+  Tensor loss_of_hidden(const Tensor& h, const Tensor& targets, int32_t ignore_index = -100) {
+    if (lm_head && (lm_head->adapter() || lm_head->bias.defined()))
+      return cross_entropy(lm_head->forward(h), targets, ignore_index);
+    return linear_cross_entropy(h, head_weight(), targets, ignore_index);
   }
 
   Tensor head_weight() const { return lm_head ? lm_head->weight : tok_emb->weight; }

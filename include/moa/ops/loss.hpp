@@ -13,6 +13,28 @@
 
 namespace moa {
 
+namespace detail {
+
+// The targets (...) of logits (..., V), checked (i32, that shape, each in [0, V) or ignore_index),
+// as an owned contiguous host copy (the caller may refill its buffer).
+inline Tensor checked_targets(const Shape& logits_shape, const Tensor& targets, int32_t ignore_index, const char* op) {
+  MOA_CHECK(targets.dtype() == DType::i32, ValueError, op, ": expected targets of dtype i32, got ",
+            dtype_name(targets.dtype()));
+  const Shape rows(logits_shape.begin(), logits_shape.end() - 1);
+  MOA_CHECK(targets.shape() == rows, ShapeError, op, ": expected targets of shape ", shape_str(rows), " for logits ",
+            shape_str(logits_shape), ", got ", shape_str(targets.shape()));
+  const int64_t V = logits_shape.back(), N = numel_of(rows);
+  const Tensor tc = on_device(targets) ? device_to_host(targets) : copy_contiguous(targets.detach());
+  const int32_t* t = tc.data<int32_t>();
+  for (int64_t n = 0; n < N; ++n)
+    MOA_CHECK(t[n] == ignore_index || (t[n] >= 0 && t[n] < V), IndexError, op, ": target ", t[n], " at position ",
+              unravel_index(n, rows), " of targets ", shape_str(rows), " is out of range for logits ",
+              shape_str(logits_shape), " (expected 0 <= target < V = ", V, ", or ignore_index = ", ignore_index, ")");
+  return tc;
+}
+
+}  // namespace detail
+
 // logits: (N, V) with targets (N), or (B, T, V) with targets (B, T) (any (..., V) with (...));
 // logits f32/f64, targets i32, each in [0, V) or equal to ignore_index. Returns a scalar (shape
 // []) of the logits' dtype: the mean of -log_softmax(logits)[target] over the non-ignored rows.
@@ -20,25 +42,14 @@ inline Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t
   MOA_CHECK(logits.defined() && targets.defined(), ValueError, "cross_entropy: expected defined logits and targets");
   MOA_CHECK(logits.dtype() == DType::f32 || logits.dtype() == DType::f64, ValueError,
             "cross_entropy: expected logits of dtype f32 or f64, got ", dtype_name(logits.dtype()));
-  MOA_CHECK(targets.dtype() == DType::i32, ValueError, "cross_entropy: expected targets of dtype i32, got ",
-            dtype_name(targets.dtype()));
+  MOA_CHECK(logits.dim() >= 2 && logits.shape().back() >= 1, ShapeError,
+            "cross_entropy: expected logits of shape [N, V] or [B, T, V] with V >= 1, got ", shape_str(logits.shape()));
   MOA_CHECK(!on_device(targets) || targets.device() == logits.device(), DeviceError,
             "cross_entropy: expected targets on the cpu or on the logits' device ", logits.device().str(), ", got ",
             targets.device().str());
-  MOA_CHECK(logits.dim() >= 2 && logits.shape().back() >= 1, ShapeError,
-            "cross_entropy: expected logits of shape [N, V] or [B, T, V] with V >= 1, got ", shape_str(logits.shape()));
-  const Shape rows(logits.shape().begin(), logits.shape().end() - 1);
-  MOA_CHECK(targets.shape() == rows, ShapeError, "cross_entropy: expected targets of shape ", shape_str(rows),
-            " for logits ", shape_str(logits.shape()), ", got ", shape_str(targets.shape()));
-  const int64_t V = logits.shape().back(), N = numel_of(rows);
-  // Owned (the caller may refill its buffer) and on the host, where the range check runs.
-  const Tensor tc = on_device(targets) ? detail::device_to_host(targets) : detail::copy_contiguous(targets.detach());
+  const Tensor tc = detail::checked_targets(logits.shape(), targets, ignore_index, "cross_entropy");
   const int32_t* t = tc.data<int32_t>();
-  for (int64_t n = 0; n < N; ++n)
-    MOA_CHECK(t[n] == ignore_index || (t[n] >= 0 && t[n] < V), IndexError, "cross_entropy: target ", t[n],
-              " at position ", detail::unravel_index(n, rows), " of targets ", shape_str(rows),
-              " is out of range for logits ", shape_str(logits.shape()), " (expected 0 <= target < V = ", V,
-              ", or ignore_index = ", ignore_index, ")");
+  const int64_t V = logits.shape().back(), N = tc.numel();
   const Tensor xc = logits.detach().contiguous();
   if (on_device(logits)) {
     detail::check_device_f32(logits, "cross_entropy");

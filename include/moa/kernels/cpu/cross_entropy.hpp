@@ -35,7 +35,8 @@ T cross_entropy_forward(T* lse, const T* logits, const int32_t* targets, int64_t
 }
 
 // dlogits[n, :] = dloss / count * (softmax(logits[n, :]) - onehot(t_n)) for kept rows, 0 for ignored
-// rows (all zero when no row is kept).  Written.  dlogits, logits: (N, V); lse, targets: (N).
+// rows (all zero when no row is kept).  Written.  dlogits, logits: (N, V), dlogits may be logits;
+// lse, targets: (N).
 template <class T>
 void cross_entropy_backward(T* dlogits, T dloss, const T* logits, const T* lse, const int32_t* targets, int64_t N,
                             int64_t V, int32_t ignore_index) {

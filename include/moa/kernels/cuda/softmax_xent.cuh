@@ -165,7 +165,8 @@ inline void cross_entropy_forward(float* loss, float* lse, const float* logits, 
 
 // dlogits[n, :] = dloss / count * (softmax(logits[n, :]) - onehot(t_n)) for kept rows, 0 for ignored
 // rows. dloss: 1 float on the device (the upstream gradient, usually 1); scratch: 1 float on the
-// device (the per-element scale; kernels allocate nothing). Written. (N, V).
+// device (the per-element scale; kernels allocate nothing). Written. (N, V). dlogits may be logits
+// (each element is read, then written, by one thread).
 inline void cross_entropy_backward(float* dlogits, const float* dloss, const float* logits, const float* lse,
                                    const int32_t* targets, int64_t N, int64_t V, float* scratch,
                                    int32_t ignore_index = -100, cudaStream_t stream = nullptr) {

@@ -1,0 +1,143 @@
+// moa/ops/linear_loss.hpp: a language model's head and loss in one op,
+//   linear_cross_entropy(x, W, targets) = cross_entropy(linear(x, W), targets),
+// without the (N, V) logits. For GPT-2 at 16 x 512 tokens those are 8192 x 50257 floats, 1.6 GB,
+// written by the head's product and read back by the loss, and as many again for their gradient.
+//
+// The rows run in chunks. Each chunk's logits go to one reused buffer (about 32 MB by default:
+// small enough to stay in a GPU's L2 cache between the kernels that use it). The chunk's loss is
+// formed there, and then, when a gradient is wanted, the logit gradient in the same buffer. From it
+// come the chunk's rows of dx = dlogits W and its part of dW += dlogits^T x. So the gradients are
+// formed in the forward (as Liger-Kernel's fused linear cross-entropy does); backward only scales
+// them by the upstream gradient.
+#pragma once
+
+#include <algorithm>
+#include <vector>
+
+#include "moa/autograd/grad_mode.hpp"
+#include "moa/autograd/node.hpp"
+#include "moa/core/tensor.hpp"
+#include "moa/kernels/cpu/cross_entropy.hpp"
+#include "moa/ops/elementwise.hpp"
+#include "moa/ops/loss.hpp"
+#include "moa/ops/matmul.hpp"
+#include "moa/ops/reduce.hpp"
+
+namespace moa {
+
+// The default chunk: about 2^23 logits (32 MB in f32) per chunk, at least one row.
+inline int64_t linear_cross_entropy_chunk_rows(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 23) / V); }
+
+// x (..., C) f32/f64, weight (V, C), targets (...) i32 with each in [0, V) or == ignore_index.
+// Returns a scalar: the mean of -log_softmax(x W^T)[target] over the non-ignored rows (0 when none),
+// as cross_entropy(linear(x, weight), targets, ignore_index). chunk_rows: rows per chunk (0: the
+// default above). With x or weight needing a gradient the forward also forms the gradients (dx the
+// size of x, dW the size of weight); no (N, V) buffer is ever held.
+inline Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const Tensor& targets,
+                                   int32_t ignore_index = -100, int64_t chunk_rows = 0) {
+  MOA_CHECK(x.defined() && weight.defined() && targets.defined(), ValueError,
+            "linear_cross_entropy: expected defined x, weight and targets");
+  detail::check_matmul_inputs(x, weight, "linear_cross_entropy");
+  MOA_CHECK(weight.dim() == 2 && x.dim() >= 2 && x.shape().back() == weight.size(1) && weight.size(0) >= 1, ShapeError,
+            "linear_cross_entropy: expected x (..., C) with a batch dimension and weight (V, C), V >= 1, got x ",
+            shape_str(x.shape()), " and weight ", shape_str(weight.shape()));
+  MOA_CHECK(chunk_rows >= 0, ValueError, "linear_cross_entropy: expected chunk_rows >= 0 (0: default), got ",
+            chunk_rows);
+  MOA_CHECK(!on_device(targets) || targets.device() == x.device(), DeviceError,
+            "linear_cross_entropy: expected targets on the cpu or on x's device ", x.device().str(), ", got ",
+            targets.device().str());
+  const int64_t V = weight.size(0), C = weight.size(1);
+  const Shape rows(x.shape().begin(), x.shape().end() - 1);
+  Shape logits_shape = rows;
+  logits_shape.push_back(V);
+  const Tensor tc = detail::checked_targets(logits_shape, targets, ignore_index, "linear_cross_entropy");
+  const int32_t* t = tc.data<int32_t>();
+  const int64_t N = numel_of(rows);
+  const int64_t chunk =
+      std::min(std::max<int64_t>(N, 1), chunk_rows > 0 ? chunk_rows : linear_cross_entropy_chunk_rows(V));
+  const int64_t chunks = (N + chunk - 1) / chunk;
+  int64_t count = 0;
+  std::vector<int64_t> chunk_count(static_cast<std::size_t>(chunks), 0);
+  for (int64_t n = 0; n < N; ++n)
+    if (t[n] != ignore_index) {
+      ++chunk_count[static_cast<std::size_t>(n / chunk)];
+      ++count;
+    }
+
+  const Device dev = x.device();
+  const DType dt = x.dtype();
+  const bool need_x = autograd::needs_graph({&x}), need_w = autograd::needs_graph({&weight});
+  Tensor xc, wc, dx, dw, out;
+  {
+    NoGradGuard no_grad;
+    xc = x.contiguous().view({N, C});
+    wc = weight.contiguous();
+  }
+  if (need_x) dx = Tensor::empty({N, C}, dt, dev);
+  if (need_w) dw = Tensor::zeros({V, C}, dt, dev);
+  Tensor buf = Tensor::empty({std::min(chunk, N), V}, dt, dev), lse = Tensor::empty({std::min(chunk, N)}, dt, dev);
+  // Each chunk's weight in the mean: count_c / count. The logit gradient of a chunk with weight w_c
+  // is (softmax - onehot) * w_c / count_c = (softmax - onehot) / count, as for the whole batch.
+  std::vector<double> share(static_cast<std::size_t>(chunks), 0.0);
+  for (int64_t c = 0; c < chunks; ++c)
+    share[c] = count ? static_cast<double>(chunk_count[c]) / static_cast<double>(count) : 0.0;
+
+  if (on_device(x)) {
+    DeviceBackend& be = backend(dev);
+    const Tensor td = on_device(targets) ? targets.detach().contiguous() : tc.to(dev);
+    std::vector<float> share_f(share.begin(), share.end());
+    const Tensor share_d = Tensor::from_vector(share_f, {chunks}).to(dev);
+    Tensor losses = Tensor::empty({chunks}, DType::f32, dev);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t r0 = c * chunk, nc = std::min(chunk, N - r0);
+      const float* xr = xc.data<float>() + r0 * C;
+      const int32_t* tr = td.data<int32_t>() + r0;
+      float* pb = buf.data<float>();
+      detail::gemm_on<float>(dev, false, true, nc, V, C, 1.f, xr, C, wc.data<float>(), C, 0.f, pb, V);
+      be.cross_entropy_forward(losses.data<float>() + c, lse.data<float>(), pb, tr, nc, V, ignore_index);
+      if (!need_x && !need_w) continue;
+      be.cross_entropy_backward(pb, share_d.data<float>() + c, pb, lse.data<float>(), tr, nc, V, ignore_index);
+      if (need_x)
+        detail::gemm_on<float>(dev, false, false, nc, C, V, 1.f, pb, V, wc.data<float>(), C, 0.f,
+                               dx.data<float>() + r0 * C, C);
+      if (need_w) detail::gemm_on<float>(dev, true, false, V, C, nc, 1.f, pb, V, xr, C, 1.f, dw.data<float>(), C);
+    }
+    NoGradGuard no_grad;
+    // One chunk holds every kept row (its share is 1) or none (its loss is 0): its loss is the mean.
+    out = chunks == 1 ? losses.view({}) : (N > 0 ? sum(mul(losses, share_d)) : Tensor::zeros({}, dt, dev));
+  } else {
+    double total = 0;
+    detail::dispatch_float(dt, "linear_cross_entropy", [&]<class T>() {
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t r0 = c * chunk, nc = std::min(chunk, N - r0);
+        const T* xr = xc.data<T>() + r0 * C;
+        T* pb = buf.data<T>();
+        kernels::cpu::gemm<T>(false, true, nc, V, C, T(1), xr, C, wc.data<T>(), C, T(0), pb, V);
+        total += static_cast<double>(
+                     kernels::cpu::cross_entropy_forward<T>(lse.data<T>(), pb, t + r0, nc, V, ignore_index)) *
+                 share[c];
+        if (!need_x && !need_w) continue;
+        kernels::cpu::cross_entropy_backward<T>(pb, static_cast<T>(share[c]), pb, lse.data<T>(), t + r0, nc, V,
+                                                ignore_index);
+        if (need_x)
+          kernels::cpu::gemm<T>(false, false, nc, C, V, T(1), pb, V, wc.data<T>(), C, T(0), dx.data<T>() + r0 * C, C);
+        if (need_w) kernels::cpu::gemm<T>(true, false, V, C, nc, T(1), pb, V, xr, C, T(1), dw.data<T>(), C);
+      }
+    });
+    out = Tensor::full({}, total, dt);
+  }
+  if (need_x || need_w)
+    autograd::record("linear_cross_entropy", out, {x, weight},
+                     [dx, dw, x_shape = x.shape()](const Tensor& g, const std::vector<char>& needs) {
+                       // The gradients were formed for dloss = 1: scaled by the upstream one here.
+                       // (Skipped on the host when it is 1, as for loss.backward().)
+                       const bool one = !on_device(g) && g.item<double>() == 1.0;
+                       std::vector<Tensor> r(2);
+                       if (needs[0] && dx.defined()) r[0] = (one ? dx : mul(dx, g)).view(x_shape);
+                       if (needs[1] && dw.defined()) r[1] = one ? dw : mul(dw, g);
+                       return r;
+                     });
+  return out;
+}
+
+}  // namespace moa
