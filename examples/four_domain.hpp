@@ -801,23 +801,18 @@ inline nlohmann::json run(const Options& o) {
       if (!done) {
         Sampler sampler(train_enc, seed_of(ph));
         MoAModel* mp = m.get();
-        runner.train({.name = ph,
-                      .steps = steps,
-                      .params = named(m->expert_parameters(d), "p"),
-                      .domains = {d},
-                      .loss =
-                          [mp](const MoABatch& b) {
-                            Tensor lm = mp->lm_loss(b, b.domain);
-                            return std::pair{lm, lm};
-                          },
-                      .after_step =
-                          [&, mp, d](int64_t step) {
-                            if (step != p.s1_steps) return;
-                            io::TensorMap t;
-                            const auto ps = mp->expert_parameters(d);
-                            for (std::size_t i = 0; i < ps.size(); ++i) t["p" + std::to_string(i)] = ps[i];
-                            io::save_safetensors(stage1_file(d), t);
-                          }},
+        runner.train({.name = ph, .steps = steps, .params = named(m->expert_parameters(d), "p"), .domains = {d},
+                      .loss = [mp](const MoABatch& b) {
+                        Tensor lm = mp->lm_loss(b, b.domain);
+                        return std::pair{lm, lm};
+                      },
+                      .after_step = [&, mp, d](int64_t step) {
+                        if (step != p.s1_steps) return;
+                        io::TensorMap t;
+                        const auto ps = mp->expert_parameters(d);
+                        for (std::size_t i = 0; i < ps.size(); ++i) t["p" + std::to_string(i)] = ps[i];
+                        io::save_safetensors(stage1_file(d), t);
+                      }},
                      sampler, *eos);
       }
       curves.emplace_back(ph, 0, curve_of(ph));
@@ -863,16 +858,11 @@ inline nlohmann::json run(const Options& o) {
     if (!done) {
       Sampler sampler(train_enc, seed_of("mixed-lora"));
       MoAModel* mp = m.get();
-      runner.train({.name = "mixed-lora",
-                    .steps = budget,
-                    .params = named(m->expert_parameters(0), "p"),
-                    .domains = all,
-                    .loss =
-                        [mp](const MoABatch& b) {
-                          Tensor lm = mp->lm_loss(b, std::vector<int32_t>(b.domain.size(), 0));
-                          return std::pair{lm, lm};
-                        },
-                    .after_step = {}},
+      runner.train({.name = "mixed-lora", .steps = budget, .params = named(m->expert_parameters(0), "p"), .domains = all,
+                    .loss = [mp](const MoABatch& b) {
+                      Tensor lm = mp->lm_loss(b, std::vector<int32_t>(b.domain.size(), 0));
+                      return std::pair{lm, lm};
+                    }, .after_step = {}},
                    sampler, *eos);
       mixture::save_moa(*m, system_dir("mixed-lora"), base_ref);
     }
