@@ -555,6 +555,16 @@ TEST_CASE("linear_cross_entropy: cross_entropy(linear(x, W)) in value and gradie
   const auto scaled = run(5, -2.5);
   check_close(scaled[1].to_vector<float>(), (want[1] * -2.5).to_vector<float>(), 1e-6, 1e-4, "dx * -2.5");
   check_close(scaled[2].to_vector<float>(), (want[2] * -2.5).to_vector<float>(), 1e-6, 1e-4, "dW * -2.5");
+  // A retained graph is gone through twice (the gradients handed over only when it is not).
+  {
+    Tensor x = x0.clone().set_requires_grad(), w = w0.clone().set_requires_grad();
+    Tensor loss = moa::linear_cross_entropy(x, w, t, -100, 5);
+    loss.backward(Tensor(), true);
+    loss.backward();
+    check_close(x.grad().to_vector<float>(), (want[1] * 2.0).to_vector<float>(), 1e-6, 1e-4, "dx twice");
+    check_close(w.grad().to_vector<float>(), (want[2] * 2.0).to_vector<float>(), 1e-6, 1e-4, "dW twice");
+    CHECK_THROWS_AS(loss.backward(), moa::AutogradError);
+  }
   // Every target ignored: loss 0 and zero gradients, as cross_entropy.
   Tensor xi = x0.clone().set_requires_grad();
   Tensor li = moa::linear_cross_entropy(xi, w0, Tensor::full({B, T}, -100, DType::i32), -100, 4);

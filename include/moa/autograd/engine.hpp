@@ -71,6 +71,11 @@ inline void accumulate_leaf(::moa::detail::TensorImpl& leaf, const Tensor& g) {
 }  // namespace detail
 
 inline void run_backward(const Tensor& root, const Tensor& root_grad, bool retain_graph) {
+  struct Retaining {  // retaining_graph() for the backward functions, restored however this ends
+    bool before = retaining_graph_slot();
+    ~Retaining() { retaining_graph_slot() = before; }
+  } retaining;
+  retaining_graph_slot() = retain_graph;
   MOA_CHECK(root.requires_grad(), AutogradError,
             "backward: the tensor does not require grad (no input of the ops that made it has requires_grad set)");
   Tensor g0 = root_grad;

@@ -68,6 +68,15 @@ struct Node {
   }
 };
 
+// True while a backward(retain_graph = true) runs (set by the engine): a backward function may
+// hand over what it saved (as its input gradients) only when this is false, since a retained graph
+// may be gone through again.
+inline bool& retaining_graph_slot() {
+  thread_local bool on = false;
+  return on;
+}
+inline bool retaining_graph() { return retaining_graph_slot(); }
+
 inline std::uint64_t next_sequence() {
   thread_local std::uint64_t seq = 0;
   return ++seq;

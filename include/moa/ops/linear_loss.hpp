@@ -25,8 +25,13 @@
 
 namespace moa {
 
-// The default chunk: about 2^23 logits (32 MB in f32) per chunk, at least one row.
-inline int64_t linear_cross_entropy_chunk_rows(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 23) / V); }
+// The default chunk, at least one row: on a device about 2^23 logits (32 MB in f32, what an H100's
+// or H200's L2 cache holds); on the cpu about 2^26 (256 MB), since its products slow down on thin
+// chunks: each chunk packs the whole weight again, and dW is read and written once per chunk.
+inline int64_t linear_cross_entropy_chunk_rows(int64_t V, Device dev = Device::cpu()) {
+  const int64_t logits = int64_t{1} << (dev.type == DeviceType::cpu ? 26 : 23);
+  return std::max<int64_t>(1, logits / V);
+}
 
 // x (..., C) f32/f64, weight (V, C), targets (...) i32 with each in [0, V) or == ignore_index.
 // Returns a scalar: the mean of -log_softmax(x W^T)[target] over the non-ignored rows (0 when none),
@@ -54,7 +59,7 @@ inline Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const 
   const int32_t* t = tc.data<int32_t>();
   const int64_t N = numel_of(rows);
   const int64_t chunk =
-      std::min(std::max<int64_t>(N, 1), chunk_rows > 0 ? chunk_rows : linear_cross_entropy_chunk_rows(V));
+      std::min(std::max<int64_t>(N, 1), chunk_rows > 0 ? chunk_rows : linear_cross_entropy_chunk_rows(V, x.device()));
   const int64_t chunks = (N + chunk - 1) / chunk;
   int64_t count = 0;
   std::vector<int64_t> chunk_count(static_cast<std::size_t>(chunks), 0);
@@ -74,7 +79,7 @@ inline Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const 
     wc = weight.contiguous();
   }
   if (need_x) dx = Tensor::empty({N, C}, dt, dev);
-  if (need_w) dw = Tensor::zeros({V, C}, dt, dev);
+  if (need_w) dw = N > 0 ? Tensor::empty({V, C}, dt, dev) : Tensor::zeros({V, C}, dt, dev);  // written by chunk 0
   Tensor buf = Tensor::empty({std::min(chunk, N), V}, dt, dev), lse = Tensor::empty({std::min(chunk, N)}, dt, dev);
   // Each chunk's weight in the mean: count_c / count. The logit gradient of a chunk with weight w_c
   // is (softmax - onehot) * w_c / count_c = (softmax - onehot) / count, as for the whole batch.
@@ -100,7 +105,8 @@ inline Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const 
       if (need_x)
         detail::gemm_on<float>(dev, false, false, nc, C, V, 1.f, pb, V, wc.data<float>(), C, 0.f,
                                dx.data<float>() + r0 * C, C);
-      if (need_w) detail::gemm_on<float>(dev, true, false, V, C, nc, 1.f, pb, V, xr, C, 1.f, dw.data<float>(), C);
+      if (need_w)
+        detail::gemm_on<float>(dev, true, false, V, C, nc, 1.f, pb, V, xr, C, c == 0 ? 0.f : 1.f, dw.data<float>(), C);
     }
     NoGradGuard no_grad;
     // One chunk holds every kept row (its share is 1) or none (its loss is 0): its loss is the mean.
@@ -121,20 +127,25 @@ inline Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const 
                                                 ignore_index);
         if (need_x)
           kernels::cpu::gemm<T>(false, false, nc, C, V, T(1), pb, V, wc.data<T>(), C, T(0), dx.data<T>() + r0 * C, C);
-        if (need_w) kernels::cpu::gemm<T>(true, false, V, C, nc, T(1), pb, V, xr, C, T(1), dw.data<T>(), C);
+        if (need_w)
+          kernels::cpu::gemm<T>(true, false, V, C, nc, T(1), pb, V, xr, C, c == 0 ? T(0) : T(1), dw.data<T>(), C);
       }
     });
     out = Tensor::full({}, total, dt);
   }
   if (need_x || need_w)
     autograd::record("linear_cross_entropy", out, {x, weight},
-                     [dx, dw, x_shape = x.shape()](const Tensor& g, const std::vector<char>& needs) {
-                       // The gradients were formed for dloss = 1: scaled by the upstream one here.
-                       // (Skipped on the host when it is 1, as for loss.backward().)
+                     [dx, dw, x_shape = x.shape()](const Tensor& g, const std::vector<char>& needs) mutable {
+                       // The gradients were formed for dloss = 1: scaled by the upstream one here,
+                       // or, when that is 1 (loss.backward()), handed over as they are (kept for
+                       // another pass when the graph is retained).
                        const bool one = !on_device(g) && g.item<double>() == 1.0;
+                       const bool keep = autograd::retaining_graph();
+                       auto give = [&](Tensor& t) { return one ? (keep ? t : std::move(t)) : mul(t, g); };
                        std::vector<Tensor> r(2);
-                       if (needs[0] && dx.defined()) r[0] = (one ? dx : mul(dx, g)).view(x_shape);
-                       if (needs[1] && dw.defined()) r[1] = one ? dw : mul(dw, g);
+                       if (needs[0] && dx.defined()) r[0] = give(dx).view(x_shape);
+                       if (needs[1] && dw.defined()) r[1] = give(dw);
+                       if (!keep) dx = dw = Tensor();
                        return r;
                      });
   return out;
