@@ -203,7 +203,7 @@ TEST_CASE("grouped_lora_linear: the layer and its experts in one op, as linear()
         (void)grouped_lora_linear(x, Tensor::zeros({Out + 1, In}, DType::f64), Tensor(), ex.A, ex.B, rows, experts, w,
                                   0.7);
       },
-      {"grouped_lora", "base", "5"});
+      {"grouped_lora_linear", "expert 0's B (5, R)", "[5, 5]", "[4, 2]"});
   test::check_throws_with<ShapeError>(
       [&] {
         (void)grouped_lora_linear(Tensor::zeros({6, In + 1}, DType::f64), W, b, ex.A, ex.B, rows, experts, w, 0.7);

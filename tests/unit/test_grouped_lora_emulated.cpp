@@ -51,6 +51,7 @@ struct Case {
   bool weighted, unique;
   bool write = false;      // GroupedLoRAShape::write_grads: dx, dA, dB start as NaN and are written
   bool every_row = false;  // one assignment per row (M == N: dx stored directly when written)
+  bool add_dx = false;     // GroupedLoRAShape::add_dx: with write, dx keeps what it holds and is added onto
 };
 
 void run(const Case& c) {
@@ -63,6 +64,7 @@ void run(const Case& c) {
   CAPTURE(c.unique);
   CAPTURE(c.write);
   CAPTURE(c.every_row);
+  CAPTURE(c.add_dx);
   const moa_test::GroupedAssignments a = moa_test::grouped_assignments(c.N, c.E, c.unique, randi, c.every_row);
   const auto M = static_cast<int64_t>(a.rows.size());
   const float scale = 0.625f;
@@ -78,7 +80,7 @@ void run(const Case& c) {
     dB[e] = randv(c.Out * c.R);
   }
   if (c.write) {  // the reference adds onto zeros; the kernels must overwrite what is there
-    std::fill(dx.begin(), dx.end(), 0.f);
+    if (!c.add_dx) std::fill(dx.begin(), dx.end(), 0.f);
     for (int64_t e = 0; e < c.E; ++e) {
       std::fill(dA[e].begin(), dA[e].end(), 0.f);
       std::fill(dB[e].begin(), dB[e].end(), 0.f);
@@ -87,7 +89,7 @@ void run(const Case& c) {
   const moa_test::GroupedReference ref = moa_test::grouped_lora_reference(
       c.N, c.In, c.Out, c.R, c.E, a, x, A, B, y, g, dx, dA, dB, c.weighted ? &w : nullptr, scale);
   if (c.write) {
-    std::fill(dx.begin(), dx.end(), NAN);
+    if (!c.add_dx) std::fill(dx.begin(), dx.end(), NAN);
     for (int64_t e = 0; e < c.E; ++e) {
       std::fill(dA[e].begin(), dA[e].end(), NAN);
       std::fill(dB[e].begin(), dB[e].end(), NAN);
@@ -101,7 +103,8 @@ void run(const Case& c) {
   }
   std::vector<float> h(static_cast<std::size_t>(std::max<int64_t>(M * c.R, 1)), NAN), dh(h.size(), NAN),
       dw(static_cast<std::size_t>(std::max<int64_t>(M, 1)), NAN);
-  const kc::GroupedLoRAShape s{.N = c.N, .M = M, .E = c.E, .In = c.In, .Out = c.Out, .R = c.R, .write_grads = c.write};
+  const kc::GroupedLoRAShape s{
+      .N = c.N, .M = M, .E = c.E, .In = c.In, .Out = c.Out, .R = c.R, .write_grads = c.write, .add_dx = c.add_dx};
   const float* wp = c.weighted ? w.data() : nullptr;
   kc::grouped_lora_forward(y.data(), h.data(), x.data(), pA.data(), pB.data(), a.rows.data(), a.seg.data(), wp, scale,
                            s, c.unique);
@@ -144,6 +147,18 @@ TEST_CASE("grouped LoRA kernels (emulated on the CPU): backward writing dx, dA a
       {40, 40, 20, 8, 4, false, false, true, false},   // top-2: atomics onto a zeroed dx
       {520, 24, 20, 16, 3, true, true, true, true},    // 2 slices per expert: dA / dB zeroed, atomics
       {300, 20, 36, 4, 2, false, false, true, false},  // top-2 and 4 slices
+  };
+  for (const Case& c : cases) run(c);
+}
+
+TEST_CASE("grouped LoRA kernels (emulated on the CPU): written dA and dB, dx added onto what it holds (add_dx)") {
+  // grouped_lora_linear: dx already holds g W. Where dx would be stored (every row one assignment)
+  // or zeroed first, it must be added onto instead; dA and dB are still written over NaN.
+  const Case cases[] = {
+      {37, 33, 7, 7, 3, false, true, true, true, true},     // every row one assignment: no store
+      {37, 33, 7, 7, 3, true, true, true, false, true},     // rows without assignments: no zeroing
+      {40, 40, 20, 8, 4, false, false, true, false, true},  // top-2: atomics onto what dx holds
+      {520, 24, 20, 16, 3, true, true, true, true, true},   // 2 slices per expert
   };
   for (const Case& c : cases) run(c);
 }

@@ -279,6 +279,25 @@ TEST_CASE("a frozen base gets no weight gradient: only A and B do, and no (Out x
   }
 }
 
+TEST_CASE("a LoRA on lm_head: the model's loss keeps the head as a linear (the fused head has no adapter)") {
+  nn::TransformerLM model(tiny(true), 4);
+  lora::attach_lora_at(model, "a", {.rank = 2}, {{"lm_head", model.lm_head}}, 5);
+  randomize_B(model, "a", 9);
+  const Tensor ids = ids_of({1, 5, 7, 2, 9, 11, 3, 4}, 2);
+  const Tensor targets = ids_of({5, 7, 2, 9, 11, 3, 4, 1}, 2);
+  Tensor loss = model.loss(ids, targets);
+  CHECK(std::string(loss.grad_fn()->name) == "cross_entropy");
+  const Tensor want = cross_entropy(model.forward(ids), targets);
+  CHECK(loss.item<float>() == want.item<float>());
+  // and without the adapter the same model's loss (the fused op) has the unadapted value
+  const double adapted = loss.item<double>();
+  model.lm_head->set_adapter("lora", nullptr);
+  Tensor plain = model.loss(ids, targets);  // (the base is frozen: no graph now)
+  CHECK(plain.item<double>() ==
+        doctest::Approx(cross_entropy(model.forward(ids), targets).item<double>()).epsilon(1e-6));
+  CHECK(plain.item<double>() != adapted);
+}
+
 TEST_CASE("several adapters: switching, none, merge / unmerge, remove") {
   nn::TransformerLM model(tiny(true), 4);
   model.eval();

@@ -86,20 +86,21 @@ class MoAAdapter : public nn::LinearAdapter {
 
   Tensor forward(const Tensor& x, const Tensor& base_out) override {
     return apply(x, [&](const Grouping& a) {
-      return grouped_lora_add(base_out, x.reshape({-1, in_}), a.A, a.B, a.rows, a.experts, a.weights, scale_, a.cache);
+      return grouped_lora_add(base_out, x.reshape({-1, in_}), a.A, a.B, *a.rows, *a.experts, a.weights, scale_,
+                              a.cache);
     });
   }
   // The base output handed over: the experts' product is added onto its memory (no copy, no add).
   Tensor forward_owned(const Tensor& x, Tensor base_out) override {
     return apply(x, [&](const Grouping& a) {
-      return grouped_lora_add(std::move(base_out), x.reshape({-1, in_}), a.A, a.B, a.rows, a.experts, a.weights, scale_,
-                              a.cache);
+      return grouped_lora_add(std::move(base_out), x.reshape({-1, in_}), a.A, a.B, *a.rows, *a.experts, a.weights,
+                              scale_, a.cache);
     });
   }
   // The whole layer as one op (grouped_lora_linear): x gets one gradient.
   Tensor forward_linear(const Tensor& x, const Tensor& weight, const Tensor& bias) override {
     return apply(x, [&](const Grouping& a) {
-      return grouped_lora_linear(x, weight, bias, a.A, a.B, a.rows, a.experts, a.weights, scale_, a.cache);
+      return grouped_lora_linear(x, weight, bias, a.A, a.B, *a.rows, *a.experts, a.weights, scale_, a.cache);
     });
   }
 
@@ -118,9 +119,11 @@ class MoAAdapter : public nn::LinearAdapter {
 
  private:
   // What one call of the grouped product needs besides x: the experts and this call's assignments.
-  struct Grouping {
+  struct Grouping {  // a local of apply(), never copied (rows and experts may point into it)
     std::vector<Tensor> A, B;
-    std::vector<int32_t> rows, experts;
+    std::vector<int32_t> own_rows, own_experts;  // sequence routing: built per call
+    const std::vector<int32_t>* rows = nullptr;  // token routing: the routing state's own
+    const std::vector<int32_t>* experts = nullptr;
     Tensor weights;
     GroupingCache* cache = nullptr;
   };
@@ -149,16 +152,18 @@ class MoAAdapter : public nn::LinearAdapter {
       MOA_CHECK(Bn > 0 && N % Bn == 0 && (x.dim() < 3 || x.size(0) == Bn), ShapeError, "MoA: routing gives ", Bn,
                 " sequences, the layer input has shape ", shape_str(x.shape()));
       const int64_t T = N / Bn;
-      a.rows.resize(static_cast<std::size_t>(N));
-      a.experts.resize(static_cast<std::size_t>(N));
+      a.own_rows.resize(static_cast<std::size_t>(N));
+      a.own_experts.resize(static_cast<std::size_t>(N));
       for (int64_t n = 0; n < N; ++n) {
-        a.rows[n] = static_cast<int32_t>(n);
-        a.experts[n] = se[static_cast<std::size_t>(n / T)];
+        a.own_rows[n] = static_cast<int32_t>(n);
+        a.own_experts[n] = se[static_cast<std::size_t>(n / T)];
       }
+      a.rows = &a.own_rows;
+      a.experts = &a.own_experts;
     } else {
       const auto l = static_cast<std::size_t>(layer_);
-      a.rows = r.rows.at(l);
-      a.experts = r.experts.at(l);
+      a.rows = &r.rows.at(l);
+      a.experts = &r.experts.at(l);
       a.weights = r.weights.at(l);
     }
     return op(a);
@@ -316,11 +321,18 @@ class MoAModel : public nn::Module {
         ch.push_back(static_cast<int32_t>(std::max_element(p + i * num_experts(), p + (i + 1) * num_experts()) - (p + i * num_experts())));
       routing_->seq_expert[static_cast<std::size_t>(l)] = ch;
     };
-    const bool was = base_->is_training();
-    base_->eval();
-    (void)base_->hidden(b.ids);
-    base_->train(was);
-    base_->block_hook = nullptr;
+    {
+      struct Restore {  // the hook refers to this call's locals: removed, and the mode restored, however it ends
+        nn::TransformerLM& m;
+        bool was = m.is_training();
+        ~Restore() {
+          m.block_hook = nullptr;
+          m.train(was);
+        }
+      } restore{*base_};
+      base_->eval();
+      (void)base_->hidden(b.ids);
+    }
     std::vector<int32_t> pick(static_cast<std::size_t>(Bn));
     for (int64_t i = 0; i < Bn; ++i) {
       if (c_.selection == Selection::last_router) {

@@ -186,7 +186,8 @@ class TransformerLM : public Module {
   }
   // The same from the final hidden states h (B, T, C), what hidden() returns. The head and the loss
   // are one op (linear_cross_entropy: the (B, T, V) logits are never formed) unless the head has an
-  // adapter or a bias.
+  // adapter or a bias. Under grad mode that op forms h's gradient in the forward: a loss computed
+  // only to be read should run under NoGradGuard.
   Tensor loss_of_hidden(const Tensor& h, const Tensor& targets, int32_t ignore_index = -100) {
     if (lm_head && (lm_head->adapter() || lm_head->bias.defined()))
       return cross_entropy(lm_head->forward(h), targets, ignore_index);

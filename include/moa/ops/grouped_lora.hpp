@@ -463,6 +463,10 @@ inline Tensor grouped_lora_linear(const Tensor& x, const Tensor& weight, const T
   MOA_CHECK(x.defined() && weight.defined(), ValueError, "grouped_lora_linear: expected defined x and weight");
   MOA_CHECK(weight.dim() == 2, ShapeError, "grouped_lora_linear: expected weight (Out, In), got ",
             shape_str(weight.shape()));
+  for (std::size_t e = 0; e < B.size(); ++e)
+    MOA_CHECK(B[e].dim() == 2 && B[e].size(0) == weight.size(0), ShapeError, "grouped_lora_linear: expected expert ", e,
+              "'s B (", weight.size(0), ", R) for weight ", shape_str(weight.shape()), ", got ",
+              shape_str(B[e].shape()));
   Tensor base;
   {
     NoGradGuard no_grad;

@@ -3,8 +3,8 @@
 // without the (N, V) logits. For GPT-2 at 16 x 512 tokens those are 8192 x 50257 floats, 1.6 GB,
 // written by the head's product and read back by the loss, and as many again for their gradient.
 //
-// The rows run in chunks. Each chunk's logits go to one reused buffer (about 32 MB by default:
-// small enough to stay in a GPU's L2 cache between the kernels that use it). The chunk's loss is
+// The rows run in chunks. Each chunk's logits go to one reused buffer (on a device about 32 MB by
+// default: small enough to stay in the GPU's L2 cache between the kernels that use it). The chunk's loss is
 // formed there, and then, when a gradient is wanted, the logit gradient in the same buffer. From it
 // come the chunk's rows of dx = dlogits W and its part of dW += dlogits^T x. So the gradients are
 // formed in the forward (as Liger-Kernel's fused linear cross-entropy does); backward only scales
@@ -16,6 +16,7 @@
 
 #include "moa/autograd/grad_mode.hpp"
 #include "moa/autograd/node.hpp"
+#include "moa/core/parallel.hpp"
 #include "moa/core/tensor.hpp"
 #include "moa/kernels/cpu/cross_entropy.hpp"
 #include "moa/ops/elementwise.hpp"
@@ -25,9 +26,31 @@
 
 namespace moa {
 
+namespace detail {
+
+// t *= s in place: t contiguous, s one element of t's dtype on t's device.
+inline void scale_by_scalar(Tensor& t, const Tensor& s) {
+  if (t.numel() == 0) return;
+  if (on_device(t)) {
+    backend(t.device())
+        .binary(BinaryOp::mul, t.data<float>(), t.shape(), t.data<float>(), t.strides(), s.data<float>(),
+                Strides(static_cast<std::size_t>(t.dim()), 0));
+    return;
+  }
+  dispatch_float(t.dtype(), "linear_cross_entropy backward", [&]<class T>() {
+    T* p = t.data<T>();
+    const T v = s.data<T>()[0];
+    parallel_for(t.numel(), 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) p[i] *= v;
+    });
+  });
+}
+
+}  // namespace detail
+
 // The default chunk, at least one row: on a device about 2^23 logits (32 MB in f32, what an H100's
-// or H200's L2 cache holds); on the cpu about 2^26 (256 MB), since its products slow down on thin
-// chunks: each chunk packs the whole weight again, and dW is read and written once per chunk.
+// or H200's L2 cache holds); on the cpu about 2^26 (256 MB in f32), since its products slow down on
+// thin chunks: each chunk packs the whole weight again, and dW is read and written once per chunk.
 inline int64_t linear_cross_entropy_chunk_rows(int64_t V, Device dev = Device::cpu()) {
   const int64_t logits = int64_t{1} << (dev.type == DeviceType::cpu ? 26 : 23);
   return std::max<int64_t>(1, logits / V);
@@ -37,7 +60,9 @@ inline int64_t linear_cross_entropy_chunk_rows(int64_t V, Device dev = Device::c
 // Returns a scalar: the mean of -log_softmax(x W^T)[target] over the non-ignored rows (0 when none),
 // as cross_entropy(linear(x, weight), targets, ignore_index). chunk_rows: rows per chunk (0: the
 // default above). With x or weight needing a gradient the forward also forms the gradients (dx the
-// size of x, dW the size of weight); no (N, V) buffer is ever held.
+// size of x, dW the size of weight), at about twice the forward's cost again, and holds them until
+// backward or until the graph is dropped; no (N, V) buffer is ever held. (A loss computed only to be
+// read, under grad mode, therefore costs a backward's products: use NoGradGuard.)
 inline Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const Tensor& targets,
                                    int32_t ignore_index = -100, int64_t chunk_rows = 0) {
   MOA_CHECK(x.defined() && weight.defined() && targets.defined(), ValueError,
@@ -134,20 +159,32 @@ inline Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const 
     out = Tensor::full({}, total, dt);
   }
   if (need_x || need_w)
-    autograd::record("linear_cross_entropy", out, {x, weight},
-                     [dx, dw, x_shape = x.shape()](const Tensor& g, const std::vector<char>& needs) mutable {
-                       // The gradients were formed for dloss = 1: scaled by the upstream one here,
-                       // or, when that is 1 (loss.backward()), handed over as they are (kept for
-                       // another pass when the graph is retained).
-                       const bool one = !on_device(g) && g.item<double>() == 1.0;
-                       const bool keep = autograd::retaining_graph();
-                       auto give = [&](Tensor& t) { return one ? (keep ? t : std::move(t)) : mul(t, g); };
-                       std::vector<Tensor> r(2);
-                       if (needs[0] && dx.defined()) r[0] = give(dx).view(x_shape);
-                       if (needs[1] && dw.defined()) r[1] = give(dw);
-                       if (!keep) dx = dw = Tensor();
-                       return r;
-                     });
+    autograd::record(
+        "linear_cross_entropy", out, {x, weight},
+        [dx, dw, x_shape = x.shape(), handed = false](const Tensor& g, const std::vector<char>& needs) mutable {
+          MOA_CHECK(!handed, AutogradError,
+                    "backward: linear_cross_entropy already handed its gradients to an earlier "
+                    "backward() (one that failed later on); pass retain_graph = true to go through it "
+                    "twice");
+          // The gradients were formed for dloss = 1. Scaled by the upstream gradient
+          // here: in place and handed over, or, when the graph is retained (it may be
+          // gone through again), into new tensors. Not scaled when that is 1 on the host.
+          const bool keep = autograd::retaining_graph();
+          const bool one = !on_device(g) && g.item<double>() == 1.0;
+          auto give = [&](Tensor& grad) -> Tensor {
+            if (keep) return one ? grad : mul(grad, g);
+            if (!one) detail::scale_by_scalar(grad, g);
+            return std::move(grad);
+          };
+          std::vector<Tensor> r(2);
+          if (needs[0] && dx.defined()) r[0] = give(dx).view(x_shape);
+          if (needs[1] && dw.defined()) r[1] = give(dw);
+          if (!keep) {
+            dx = dw = Tensor();
+            handed = true;
+          }
+          return r;
+        });
   return out;
 }
 
