@@ -368,6 +368,23 @@ TEST_CASE("cross_entropy: forward (mean over kept rows) and backward, ignore_ind
     ref::cross_entropy_backward<float>(dl.data(), 1.5f, x.data(), lse.data(), t.data(), N, V, -100);
     kc::cross_entropy_backward(ddl.data(), dloss.data(), dxv.data(), dlse.data(), dt.data(), N, V, scratch.data());
     CHECK_CLOSE(down(ddl, N * V), dl, 1e-5);
+    // cross_entropy_rows (linear_cross_entropy's chunks): each row's loss times a scale and, written
+    // in place over the logits, its gradient; then without the gradient (the logits untouched).
+    const float sc = 0.25f;
+    std::vector<float> want_rows(N), want_d(N * V);
+    for (int64_t n = 0; n < N; ++n) {
+      want_rows[n] = t[n] == -100 ? 0.f : sc * (lse[n] - x[n * V + t[n]]);
+      ref::cross_entropy_backward<float>(want_d.data() + n * V, sc, x.data() + n * V, lse.data() + n, t.data() + n, 1,
+                                         V, -100);
+    }
+    auto inplace = up(x), kept = up(x);
+    kc::DeviceBuffer<float> rows1(N), rows2(N);
+    kc::cross_entropy_rows(rows1.data(), inplace.data(), inplace.data(), dt.data(), N, V, -100, sc);
+    CHECK_CLOSE(down(rows1, N), want_rows, 1e-5);
+    CHECK_CLOSE(down(inplace, N * V), want_d, 1e-5);
+    kc::cross_entropy_rows(rows2.data(), nullptr, kept.data(), dt.data(), N, V, -100, sc);
+    CHECK_CLOSE(down(rows2, N), want_rows, 1e-5);
+    CHECK(down(kept, N * V) == x);
   }
 }
 

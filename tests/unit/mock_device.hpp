@@ -208,6 +208,17 @@ class MockDevice final : public DeviceBackend {
     kernels::cpu::cross_entropy_backward<float>(host(dlogits), host(dloss)[0], host(logits), host(lse), host(t), N, V,
                                                 ignore);
   }
+  void cross_entropy_rows(float* loss_rows, float* dlogits, const float* logits, const int32_t* t, int64_t N, int64_t V,
+                          int32_t ignore, float scale) override {
+    for (int64_t n = 0; n < N; ++n) {  // one row at a time through the cpu kernels (count 1 or 0)
+      float lse = 0;
+      host(loss_rows)[n] =
+          scale * kernels::cpu::cross_entropy_forward<float>(&lse, host(logits) + n * V, host(t) + n, 1, V, ignore);
+      if (dlogits)
+        kernels::cpu::cross_entropy_backward<float>(host(dlogits) + n * V, scale, host(logits) + n * V, &lse,
+                                                    host(t) + n, 1, V, ignore);
+    }
+  }
   void layer_norm_forward(float* out, float* mean, float* rstd, const float* x, const float* w, const float* b,
                           int64_t N, int64_t C, float eps) override {
     kernels::cpu::layer_norm_forward<float>(host(out), host(mean), host(rstd), host(x), host(w), host(b), N, C, eps);

@@ -174,6 +174,11 @@ class DeviceBackend {
   // be logits itself (linear_cross_entropy forms the gradient in the logits' buffer).
   virtual void cross_entropy_backward(float* dlogits, const float* dloss, const float* logits, const float* lse,
                                       const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index) = 0;
+  // Per row: loss_rows[n] = scale * (logsumexp(logits[n]) - logits[n, t_n]) (0 on ignored rows),
+  // written; with dlogits (may be null), its gradient dlogits[n, :] = scale * (softmax - onehot)
+  // (0 on ignored rows), written, and dlogits may be logits itself.
+  virtual void cross_entropy_rows(float* loss_rows, float* dlogits, const float* logits, const int32_t* targets,
+                                  int64_t N, int64_t V, int32_t ignore_index, float scale) = 0;
   // out, mean, rstd written; bias may be null.
   virtual void layer_norm_forward(float* out, float* mean, float* rstd, const float* x, const float* weight,
                                   const float* bias, int64_t N, int64_t C, float eps) = 0;

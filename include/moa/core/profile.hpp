@@ -139,6 +139,11 @@ class ProfilingBackend final : public DeviceBackend {
                              int64_t V, int32_t ignore) override {
     timed("cross_entropy_forward", [&] { inner_.cross_entropy_forward(loss, lse, logits, targets, N, V, ignore); });
   }
+  void cross_entropy_rows(float* loss_rows, float* dlogits, const float* logits, const int32_t* targets, int64_t N,
+                          int64_t V, int32_t ignore, float scale) override {
+    timed("cross_entropy_rows",
+          [&] { inner_.cross_entropy_rows(loss_rows, dlogits, logits, targets, N, V, ignore, scale); });
+  }
   void cross_entropy_backward(float* dlogits, const float* dloss, const float* logits, const float* lse,
                               const int32_t* targets, int64_t N, int64_t V, int32_t ignore) override {
     timed("cross_entropy_backward",

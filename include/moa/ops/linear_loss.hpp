@@ -113,20 +113,20 @@ inline Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const 
     share[c] = count ? static_cast<double>(chunk_count[c]) / static_cast<double>(count) : 0.0;
 
   if (on_device(x)) {
+    // Per chunk: the logits' product, one kernel for the rows' losses and the logit gradient in
+    // place (both scaled by 1 / count, known here), and the gradients' products. The loss is the
+    // sum of the rows' losses, taken once at the end.
     DeviceBackend& be = backend(dev);
     const Tensor td = on_device(targets) ? targets.detach().contiguous() : tc.to(dev);
-    std::vector<float> share_f(share.begin(), share.end());
-    const Tensor share_d = Tensor::from_vector(share_f, {chunks}).to(dev);
-    Tensor losses = Tensor::empty({chunks}, DType::f32, dev);
+    Tensor row_loss = Tensor::empty({N}, DType::f32, dev);
+    const float inv_count = count ? static_cast<float>(1.0 / static_cast<double>(count)) : 0.f;
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t r0 = c * chunk, nc = std::min(chunk, N - r0);
       const float* xr = xc.data<float>() + r0 * C;
-      const int32_t* tr = td.data<int32_t>() + r0;
       float* pb = buf.data<float>();
       detail::gemm_on<float>(dev, false, true, nc, V, C, 1.f, xr, C, wc.data<float>(), C, 0.f, pb, V);
-      be.cross_entropy_forward(losses.data<float>() + c, lse.data<float>(), pb, tr, nc, V, ignore_index);
-      if (!need_x && !need_w) continue;
-      be.cross_entropy_backward(pb, share_d.data<float>() + c, pb, lse.data<float>(), tr, nc, V, ignore_index);
+      be.cross_entropy_rows(row_loss.data<float>() + r0, need_x || need_w ? pb : nullptr, pb, td.data<int32_t>() + r0,
+                            nc, V, ignore_index, inv_count);
       if (need_x)
         detail::gemm_on<float>(dev, false, false, nc, C, V, 1.f, pb, V, wc.data<float>(), C, 0.f,
                                dx.data<float>() + r0 * C, C);
@@ -134,8 +134,7 @@ inline Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const 
         detail::gemm_on<float>(dev, true, false, V, C, nc, 1.f, pb, V, xr, C, c == 0 ? 0.f : 1.f, dw.data<float>(), C);
     }
     NoGradGuard no_grad;
-    // One chunk holds every kept row (its share is 1) or none (its loss is 0): its loss is the mean.
-    out = chunks == 1 ? losses.view({}) : (N > 0 ? sum(mul(losses, share_d)) : Tensor::zeros({}, dt, dev));
+    out = N > 0 ? sum(row_loss) : Tensor::zeros({}, dt, dev);
   } else {
     double total = 0;
     detail::dispatch_float(dt, "linear_cross_entropy", [&]<class T>() {

@@ -436,6 +436,14 @@ class CudaBackend final : public DeviceBackend {
                                                  ignore_index, s.stream);
   }
 
+  void cross_entropy_rows(float* loss_rows, float* dlogits, const float* logits, const int32_t* targets, int64_t N,
+                          int64_t V, int32_t ignore_index, float scale) override {
+    detail::check_rows("cross_entropy_rows", N, V);
+    if (N == 0) return;
+    DeviceState& s = activate_for(loss_rows, "cross_entropy_rows");
+    ::moa::kernels::cuda::cross_entropy_rows(loss_rows, dlogits, logits, targets, N, V, ignore_index, scale, s.stream);
+  }
+
   void layer_norm_forward(float* out, float* mean, float* rstd, const float* x, const float* weight, const float* bias,
                           int64_t N, int64_t C, float eps) override {
     detail::check_norm("layer_norm_forward", N, C);

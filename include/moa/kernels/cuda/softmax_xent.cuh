@@ -102,6 +102,31 @@ static __global__ void xent_backward_kernel(float* dlogits, const float* scale, 
   for (int64_t v = threadIdx.x; v < V; v += blockDim.x) d[v] = s * (expf(x[v] - l) - (v == t ? 1.f : 0.f));
 }
 
+// One block per row: loss_rows[n] = scale * (lse - x[t]) (0 on ignored rows); with d, its logit
+// gradient scale * (softmax - onehot) is written over d, which may be the logits themselves:
+// every thread has read the target's logit (and finished its pass for the log-sum-exp) before any
+// writes.
+static __global__ void xent_rows_kernel(float* loss_rows, float* d, const float* logits, const int32_t* targets,
+                                        int64_t V, int32_t ignore_index, float scale) {
+  __shared__ float shared[32];
+  const int64_t n = blockIdx.x;
+  const int32_t t = targets[n];
+  float* dr = d ? d + n * V : nullptr;
+  if (t == ignore_index) {
+    if (threadIdx.x == 0) loss_rows[n] = 0.f;
+    if (dr)
+      for (int64_t v = threadIdx.x; v < V; v += blockDim.x) dr[v] = 0.f;
+    return;
+  }
+  const float* x = logits + n * V;
+  const float l = row_logsumexp(x, V, shared);
+  const float xt = x[t];
+  if (threadIdx.x == 0) loss_rows[n] = scale * (l - xt);
+  if (!dr) return;
+  __syncthreads();  // x[t] read by every thread before any writes over it
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) dr[v] = scale * (expf(x[v] - l) - (v == t ? 1.f : 0.f));
+}
+
 inline void check_rows(const char* op, int64_t N, int64_t C) {
   MOA_CHECK(N >= 0 && N <= 2147483647 && C >= 1, ShapeError, op, ": expected N in [0, 2^31) rows of C >= 1, got N ",
             N, ", C ", C);
@@ -176,6 +201,20 @@ inline void cross_entropy_backward(float* dlogits, const float* dloss, const flo
   MOA_CUDA_LAUNCH_CHECK();
   MOA_CUDA_LAUNCH(detail::xent_backward_kernel, static_cast<unsigned>(N), detail::row_threads(V), 0, stream, dlogits,
                   scratch, logits, lse, targets, V, ignore_index);
+  MOA_CUDA_LAUNCH_CHECK();
+}
+
+// Per row, in one pass over its logits (plus one more for the gradient): loss_rows[n] =
+// scale * (logsumexp(logits[n]) - logits[n, t_n]), 0 on ignored rows; with dlogits, its gradient
+// dlogits[n, :] = scale * (softmax(logits[n]) - onehot(t_n)), 0 on ignored rows, written (dlogits
+// may be logits). What linear_cross_entropy runs on each chunk with scale = 1 / (kept rows), known
+// on the host: the loss is then the sum of loss_rows, with no per-chunk reduction or scale kernel.
+inline void cross_entropy_rows(float* loss_rows, float* dlogits, const float* logits, const int32_t* targets, int64_t N,
+                               int64_t V, int32_t ignore_index, float scale, cudaStream_t stream = nullptr) {
+  detail::check_rows("cross_entropy_rows", N, V);
+  if (N == 0) return;
+  MOA_CUDA_LAUNCH(detail::xent_rows_kernel, static_cast<unsigned>(N), detail::row_threads(V), 0, stream, loss_rows,
+                  dlogits, logits, targets, V, ignore_index, scale);
   MOA_CUDA_LAUNCH_CHECK();
 }
 
