@@ -174,6 +174,19 @@ inline void ops(Device dev, double tol) {
       check_op(
           "linear_cross_entropy chunk " + std::to_string(chunk), dev, {rnd({3, 5, 8}, 94), rnd({13, 8}, 95, -2, 2), tg},
           {true, true, false}, [chunk](const V& x) { return linear_cross_entropy(x[0], x[1], x[2], -100, chunk); }, t);
+    {  // an upstream gradient of 2.5 on the device: retained (new tensors), then handed over (in place)
+      const Tensor w = rnd({13, 8}, 95, -2, 2);
+      Tensor xc = rnd({3, 5, 8}, 94).set_requires_grad();
+      (linear_cross_entropy(xc, w, tg, -100, 4) * 2.5).backward();
+      Tensor xd = rnd({3, 5, 8}, 94).to(dev).set_requires_grad();
+      Tensor ld = linear_cross_entropy(xd, w.to(dev), tg, -100, 4) * 2.5;
+      ld.backward(Tensor(), true);
+      ld.backward();
+      CHECK(rel(xd.grad(), xc.grad() * 2.0) <= t);
+      // a gradient for a device loss must be on the device
+      Tensor xe = rnd({3, 5, 8}, 94).to(dev).set_requires_grad();
+      CHECK_THROWS_AS(linear_cross_entropy(xe, w.to(dev), tg, -100, 4).backward(Tensor::ones({})), DeviceError);
+    }
   }
   check_op("layer_norm", dev, {rnd({3, 4, 10}, 28), rnd({10}, 29), rnd({10}, 30)}, {true, true, true},
            [](const V& x) { return layer_norm(x[0], x[1], x[2]); }, t);

@@ -292,7 +292,9 @@ TEST_CASE("a LoRA on lm_head: the model's loss keeps the head as a linear (the f
   // and without the adapter the same model's loss (the fused op) has the unadapted value
   const double adapted = loss.item<double>();
   model.lm_head->set_adapter("lora", nullptr);
-  Tensor plain = model.loss(ids, targets);  // (the base is frozen: no graph now)
+  model.lm_head->weight.set_requires_grad();  // a graph again, through the head alone
+  Tensor plain = model.loss(ids, targets);
+  CHECK(std::string(plain.grad_fn()->name) == "linear_cross_entropy");
   CHECK(plain.item<double>() ==
         doctest::Approx(cross_entropy(model.forward(ids), targets).item<double>()).epsilon(1e-6));
   CHECK(plain.item<double>() != adapted);

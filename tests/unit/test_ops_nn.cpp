@@ -565,6 +565,14 @@ TEST_CASE("linear_cross_entropy: cross_entropy(linear(x, W)) in value and gradie
     check_close(w.grad().to_vector<float>(), (want[2] * 2.0).to_vector<float>(), 1e-6, 1e-4, "dW twice");
     CHECK_THROWS_AS(loss.backward(), moa::AutogradError);
   }
+  {  // the same with an upstream gradient of -1.5: new tensors while retained, then scaled in place
+    Tensor x = x0.clone().set_requires_grad(), w = w0.clone().set_requires_grad();
+    Tensor loss = moa::linear_cross_entropy(x, w, t, -100, 5) * -1.5;
+    loss.backward(Tensor(), true);
+    loss.backward();
+    check_close(x.grad().to_vector<float>(), (want[1] * -3.0).to_vector<float>(), 1e-6, 1e-4, "dx twice, scaled");
+    check_close(w.grad().to_vector<float>(), (want[2] * -3.0).to_vector<float>(), 1e-6, 1e-4, "dW twice, scaled");
+  }
   // A backward that fails after this op has handed its gradients over: a retry says so, where it
   // would otherwise find them gone and leave x without a gradient.
   {

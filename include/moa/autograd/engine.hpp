@@ -89,6 +89,8 @@ inline void run_backward(const Tensor& root, const Tensor& root_grad, bool retai
               shape_str(root.shape()), ", got ", shape_str(g0.shape()));
     MOA_CHECK(g0.dtype() == root.dtype(), ValueError, "backward: expected a gradient of dtype ",
               dtype_name(root.dtype()), ", got ", dtype_name(g0.dtype()));
+    MOA_CHECK(g0.device() == root.device(), DeviceError, "backward: expected a gradient on ", root.device().str(),
+              " (where the tensor is), got one on ", g0.device().str());
   }
   NoGradGuard no_grad;
   if (!root.grad_fn()) {  // a leaf

@@ -120,6 +120,9 @@ class MoAAdapter : public nn::LinearAdapter {
  private:
   // What one call of the grouped product needs besides x: the experts and this call's assignments.
   struct Grouping {  // a local of apply(), never copied (rows and experts may point into it)
+    Grouping() = default;
+    Grouping(const Grouping&) = delete;
+    Grouping& operator=(const Grouping&) = delete;
     std::vector<Tensor> A, B;
     std::vector<int32_t> own_rows, own_experts;  // sequence routing: built per call
     const std::vector<int32_t>* rows = nullptr;  // token routing: the routing state's own

@@ -105,12 +105,7 @@ inline Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const 
   }
   if (need_x) dx = Tensor::empty({N, C}, dt, dev);
   if (need_w) dw = N > 0 ? Tensor::empty({V, C}, dt, dev) : Tensor::zeros({V, C}, dt, dev);  // written by chunk 0
-  Tensor buf = Tensor::empty({std::min(chunk, N), V}, dt, dev), lse = Tensor::empty({std::min(chunk, N)}, dt, dev);
-  // Each chunk's weight in the mean: count_c / count. The logit gradient of a chunk with weight w_c
-  // is (softmax - onehot) * w_c / count_c = (softmax - onehot) / count, as for the whole batch.
-  std::vector<double> share(static_cast<std::size_t>(chunks), 0.0);
-  for (int64_t c = 0; c < chunks; ++c)
-    share[c] = count ? static_cast<double>(chunk_count[c]) / static_cast<double>(count) : 0.0;
+  Tensor buf = Tensor::empty({std::min(chunk, N), V}, dt, dev);  // one chunk's logits, then their gradient
 
   if (on_device(x)) {
     // Per chunk: the logits' product, one kernel for the rows' losses and the logit gradient in
@@ -136,6 +131,12 @@ inline Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const 
     NoGradGuard no_grad;
     out = N > 0 ? sum(row_loss) : Tensor::zeros({}, dt, dev);
   } else {
+    // Each chunk's weight in the mean: count_c / count. The cpu kernels' logit gradient of a chunk
+    // with weight w_c is (softmax - onehot) * w_c / count_c = (softmax - onehot) / count.
+    std::vector<double> share(static_cast<std::size_t>(chunks), 0.0);
+    for (int64_t c = 0; c < chunks; ++c)
+      share[c] = count ? static_cast<double>(chunk_count[c]) / static_cast<double>(count) : 0.0;
+    const Tensor lse = Tensor::empty({std::min(chunk, N)}, dt);
     double total = 0;
     detail::dispatch_float(dt, "linear_cross_entropy", [&]<class T>() {
       for (int64_t c = 0; c < chunks; ++c) {
@@ -160,28 +161,33 @@ inline Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const 
   if (need_x || need_w)
     autograd::record(
         "linear_cross_entropy", out, {x, weight},
-        [dx, dw, x_shape = x.shape(), handed = false](const Tensor& g, const std::vector<char>& needs) mutable {
+        [dx, dw, x_shape = x.shape(), dev, dt, handed = false](const Tensor& g,
+                                                               const std::vector<char>& needs) mutable {
           MOA_CHECK(!handed, AutogradError,
                     "backward: linear_cross_entropy already handed its gradients to an earlier "
                     "backward() (one that failed later on); pass retain_graph = true to go through it "
                     "twice");
+          MOA_CHECK(g.numel() == 1 && g.dtype() == dt && g.device() == dev, DeviceError,
+                    "linear_cross_entropy backward: expected one ", dtype_name(dt), " value on ", dev.str(),
+                    " as the upstream gradient, got ", shape_str(g.shape()), " ", dtype_name(g.dtype()), " on ",
+                    g.device().str());
+          MOA_CHECK((!needs[0] || dx.defined()) && (!needs[1] || dw.defined()), AutogradError,
+                    "linear_cross_entropy backward: asked for a gradient its forward did not form");
           // The gradients were formed for dloss = 1. Scaled by the upstream gradient
           // here: in place and handed over, or, when the graph is retained (it may be
           // gone through again), into new tensors. Not scaled when that is 1 on the host.
           const bool keep = autograd::retaining_graph();
           const bool one = !on_device(g) && g.item<double>() == 1.0;
+          if (!keep) handed = true;  // from here on, whatever happens
           auto give = [&](Tensor& grad) -> Tensor {
             if (keep) return one ? grad : mul(grad, g);
             if (!one) detail::scale_by_scalar(grad, g);
             return std::move(grad);
           };
           std::vector<Tensor> r(2);
-          if (needs[0] && dx.defined()) r[0] = give(dx).view(x_shape);
-          if (needs[1] && dw.defined()) r[1] = give(dw);
-          if (!keep) {
-            dx = dw = Tensor();
-            handed = true;
-          }
+          if (needs[0]) r[0] = give(dx).view(x_shape);
+          if (needs[1]) r[1] = give(dw);
+          if (!keep) dx = dw = Tensor();
           return r;
         });
   return out;
