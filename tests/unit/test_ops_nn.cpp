@@ -576,32 +576,28 @@ TEST_CASE("linear_cross_entropy: cross_entropy(linear(x, W)) in value and gradie
   // A backward that fails after this op has handed its gradients over: a retry says so, where it
   // would otherwise find them gone and leave x without a gradient.
   {
-    Tensor x = x0.clone().set_requires_grad();
-    Tensor h = x.detach().clone();
+    // x's copy whose backward throws the first time it runs, then passes the gradient through.
     bool fail = true;
-    moa::autograd::record("fails_once", h, {x}, [&fail](const Tensor& g, const std::vector<char>&) {
-      if (fail) {
-        fail = false;
-        throw moa::ValueError("injected failure");
-      }
-      return std::vector<Tensor>{g};
-    });
-    Tensor loss = moa::linear_cross_entropy(h, w0, t, -100, 5);
+    auto fails_once = [&fail](const Tensor& x) {
+      Tensor h = x.detach().clone();
+      fail = true;
+      moa::autograd::record("fails_once", h, {x}, [&fail](const Tensor& g, const std::vector<char>&) {
+        if (fail) {
+          fail = false;
+          throw moa::ValueError("injected failure");
+        }
+        return std::vector<Tensor>{g};
+      });
+      return h;
+    };
+    Tensor x = x0.clone().set_requires_grad();
+    Tensor loss = moa::linear_cross_entropy(fails_once(x), w0, t, -100, 5);
     CHECK_THROWS_AS(loss.backward(), moa::ValueError);
     check_throws<moa::AutogradError>([&] { loss.backward(); },
                                      {"linear_cross_entropy", "already handed", "retain_graph = true"});
     // With the graph retained, the same failure leaves it whole: the retry gives the gradient.
     Tensor x2 = x0.clone().set_requires_grad();
-    Tensor h2 = x2.detach().clone();
-    fail = true;
-    moa::autograd::record("fails_once", h2, {x2}, [&fail](const Tensor& g, const std::vector<char>&) {
-      if (fail) {
-        fail = false;
-        throw moa::ValueError("injected failure");
-      }
-      return std::vector<Tensor>{g};
-    });
-    Tensor loss2 = moa::linear_cross_entropy(h2, w0, t, -100, 5);
+    Tensor loss2 = moa::linear_cross_entropy(fails_once(x2), w0, t, -100, 5);
     CHECK_THROWS_AS(loss2.backward(Tensor(), true), moa::ValueError);
     loss2.backward();
     check_close(x2.grad().to_vector<float>(), want[1].to_vector<float>(), 1e-6, 1e-4, "dx after a retry");
