@@ -15,12 +15,13 @@
 
 namespace {
 
-std::pair<moa::Tensor, moa::Tensor> batch(int64_t B, int64_t T, int64_t V, moa::Device dev) {
+// On the host, as a training loop has them (device ones would be read back to be checked).
+std::pair<moa::Tensor, moa::Tensor> batch(int64_t B, int64_t T, int64_t V) {
   moa::Generator g(2);
   std::vector<int32_t> ids(static_cast<std::size_t>(B * T)), tg(ids.size());
   for (auto& v : ids) v = static_cast<int32_t>(g.next_below(static_cast<std::uint64_t>(V)));
   for (auto& v : tg) v = static_cast<int32_t>(g.next_below(static_cast<std::uint64_t>(V)));
-  return {moa::Tensor::from_vector(ids, {B, T}).to(dev), moa::Tensor::from_vector(tg, {B, T}).to(dev)};
+  return {moa::Tensor::from_vector(ids, {B, T}), moa::Tensor::from_vector(tg, {B, T})};
 }
 
 // One warm-up step, then one profiled step: its device calls by method.
@@ -42,7 +43,7 @@ void profile(const char* title, moa::optim::AdamW& opt, const std::function<moa:
 
 // One profiled step of `c` with rank-16 LoRA on every linear, batch 2 x 32.
 void lora_step(const char* title, const moa::nn::TransformerConfig& c, moa::Device dev) {
-  const auto [x, y] = batch(2, 32, c.vocab_size, dev);
+  const auto [x, y] = batch(2, 32, c.vocab_size);
   moa::nn::TransformerLM model(c, 1);
   model.to(dev);
   moa::lora::attach_lora(model, "r16", {.rank = 16, .alpha = 32, .target_modules = "all-linear"}, 3);
@@ -74,7 +75,7 @@ int main() {
   lora_step("Llama-shaped LoRA step (12 layers, GQA 4/2 heads, RoPE), batch 2 x 32", lc, dev);
   {
     const int64_t B = 4;
-    const auto [x, y] = batch(B, 32, c.vocab_size, dev);
+    const auto [x, y] = batch(B, 32, c.vocab_size);
     auto base = std::make_shared<moa::nn::TransformerLM>(c, 1);
     base->to(dev);
     moa::mixture::MoAModel m(base, {.domains = {"finance", "medicine", "stackoverflow", "leetcode"}, .rank = 16,
@@ -82,7 +83,7 @@ int main() {
     moa::optim::AdamW opt(m.trainable_parameters(), {.lr = 1e-4});
     std::vector<int32_t> dom;
     for (int64_t b = 0; b < B; ++b) dom.push_back(static_cast<int32_t>(b % 4));
-    moa::mixture::MoABatch mb{x, y, moa::Tensor::ones({B, 32}, moa::DType::f32, dev), dom};
+    moa::mixture::MoABatch mb{x, y, moa::Tensor::ones({B, 32}), dom};
     profile("MoA step, 4 experts, batch 4 x 32 from 4 domains", opt, [&] { return m.loss(mb)[0]; }, dev);
   }
 }

@@ -70,7 +70,7 @@ class MockDevice final : public DeviceBackend {
   static void store(DType t, void* p, int64_t i, double v) {
     switch (t) {
       case DType::f32: static_cast<float*>(p)[i] = static_cast<float>(v); return;
-      case DType::i32: static_cast<std::int32_t*>(p)[i] = static_cast<std::int32_t>(v); return;
+      case DType::i32: static_cast<std::int32_t*>(p)[i] = convert_value<std::int32_t>(v); return;
       case DType::bf16: static_cast<std::uint16_t*>(p)[i] = f32_to_bf16_bits(static_cast<float>(v)); return;
       default: throw DeviceError("mock: dtype not on the device");
     }

@@ -162,3 +162,29 @@ TEST_CASE("device (mock): DeviceProfile times every kernel call of a training st
   CHECK(report.find("timed device calls:") != std::string::npos);
   CHECK_THROWS_AS(DeviceProfile(Device::cpu()), Error);
 }
+
+TEST_CASE("device (mock): DeviceProfile counts uploads, downloads, device copies and synchronizations") {
+  testing::MockDeviceScope mock;
+  const Device dev = Device::cuda();
+  const Tensor before = Tensor::from_vector(std::vector<float>{1, 2, 3}).to(dev);  // not counted: no profile yet
+  DeviceProfile profile(dev);
+  const Tensor up = Tensor::from_vector(std::vector<float>{4, 5, 6, 7}).to(dev);  // 16 bytes up
+  Tensor other = Tensor::empty({4}, DType::f32, dev);
+  backend(dev).copy_device(other.data<float>(), up.data<float>(), 16, dev.index);
+  backend(dev).synchronize(dev.index);
+  CHECK(other.to_vector<float>() == std::vector<float>{4, 5, 6, 7});                  // 16 bytes down
+  CHECK(before.to(Device::cpu()).to_vector<float>() == std::vector<float>{1, 2, 3});  // 12 more
+  const auto& t = profile.transfers();
+  CHECK(t.uploads == 1);
+  CHECK(t.upload_bytes == 16);
+  CHECK(t.downloads == 2);
+  CHECK(t.download_bytes == 28);
+  CHECK(t.device_copies == 1);
+  CHECK(t.device_copy_bytes == 16);
+  CHECK(t.synchronizes == 1);
+  CHECK(profile.report().find("copies: 1 uploads (16 B), 2 downloads (28 B; each waits for the device), 1 on the "
+                              "device (16 B); 1 explicit synchronizations") != std::string::npos);
+  profile.reset();
+  CHECK(profile.transfers().downloads == 0);
+  CHECK(profile.transfers().upload_bytes == 0);
+}

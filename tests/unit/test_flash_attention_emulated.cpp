@@ -58,6 +58,7 @@ TEST_CASE("flash attention kernels (emulated on the CPU): forward and backward a
       {2, 1, 1, 17, 17, 7},     // a head of 7 (padded to 16, scalar loads), two batches
       {1, 1, 1, 33, 33, 128},   // the widest head
       {1, 1, 1, 99, 100, 32},   // one cached key: the second key tile's first query is in tile 0
+      {1, 2, 1, 0, 40, 16},     // no queries: dk and dv are written, zero (they start as NaN)
   };
   for (const AttentionShape& s : shapes) {
     CAPTURE(s.B);

@@ -1,7 +1,9 @@
 // Tensors: creation, strides, views, alignment, RNG determinism, bad input.
 #include <doctest/doctest.h>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 
 #include "test_util.hpp"
@@ -63,6 +65,16 @@ TEST_CASE("tensor: views share storage and read the right elements") {
   // dtype casts.
   CHECK(x.to(DType::f64).to_vector<double>()[23] == 23.0);
   CHECK(x.to(DType::i32).to_vector<int32_t>()[5] == 5);
+  // to i32: toward zero, saturating at the int32 range, NaN -> 0 (as a GPU converts; a plain C++
+  // cast of these is undefined behaviour), from f32 and f64, by to() and by to_vector()
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> odd{std::nanf(""), 3e9f, -3e9f, inf, -inf, 2.7f, -2.7f, -2147483648.f, 2147483520.f};
+  const std::vector<int32_t> odd_i{0, INT32_MAX, INT32_MIN, INT32_MAX, INT32_MIN, 2, -2, INT32_MIN, 2147483520};
+  CHECK(Tensor::from_vector(odd).to(DType::i32).to_vector<int32_t>() == odd_i);
+  CHECK(Tensor::from_vector(odd).to_vector<int32_t>() == odd_i);
+  CHECK(Tensor::from_vector(odd).to(DType::f64).to(DType::i32).to_vector<int32_t>() == odd_i);
+  CHECK(Tensor::from_vector(std::vector<double>{2147483647.9, -2147483648.9, 1e300}).to_vector<int32_t>() ==
+        std::vector<int32_t>{INT32_MAX, INT32_MIN, INT32_MAX});
 }
 
 TEST_CASE("tensor: item and scalar") {

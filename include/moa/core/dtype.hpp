@@ -3,10 +3,27 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "moa/core/error.hpp"
 
 namespace moa {
+
+// One element converted between the arithmetic dtypes (f32, f64, i32), the same on the host and in
+// the device kernels: a floating value to i32 rounds toward zero and saturates at the int32 range,
+// NaN gives 0 (what a GPU's conversion does; a plain cast of an out-of-range value is undefined
+// behaviour in C++). Everything else is the ordinary conversion.
+template <class D, class S>
+constexpr D convert_value(S v) {
+  if constexpr (std::is_same_v<D, std::int32_t> && std::is_floating_point_v<S>) {
+    if (!(v == v)) return 0;
+    if (v >= S(2147483648.0)) return INT32_MAX;
+    if (v <= S(-2147483648.0)) return INT32_MIN;
+    return static_cast<std::int32_t>(v);
+  } else {
+    return static_cast<D>(v);
+  }
+}
 
 // f32 is the working type; f64 exists for gradient checks in double precision;
 // i32 holds token ids and indices; bf16 is reserved for mixed precision (storage only for now).

@@ -11,7 +11,9 @@
 //   }                                                     // the backend is the plain one again
 //
 // Memory calls (allocate, release, copies) are forwarded, not timed; uploads and downloads show in
-// the gaps between entries (report() says how much of the wall time the entries cover).
+// the gaps between entries (report() says how much of the wall time the entries cover). Copies and
+// explicit synchronisations are counted (transfers()): on a GPU every download waits for all the
+// work queued before it, so a step's downloads are the points where the host stops running ahead.
 #pragma once
 
 #include <algorithm>
@@ -35,6 +37,13 @@ class ProfilingBackend final : public DeviceBackend {
     double seconds = 0;
     double flops = 0;  // products only
   };
+  // Copies between host and device and within a device, and explicit synchronize() calls.
+  struct Transfers {
+    int64_t uploads = 0, upload_bytes = 0;             // copy_to_device
+    int64_t downloads = 0, download_bytes = 0;         // copy_to_host: each one waits for the device
+    int64_t device_copies = 0, device_copy_bytes = 0;  // copy_device
+    int64_t synchronizes = 0;                          // synchronize()
+  };
 
   ProfilingBackend(DeviceBackend& inner, int device) : inner_(inner), device_(device) {}
 
@@ -50,23 +59,36 @@ class ProfilingBackend final : public DeviceBackend {
     for (const auto& [name, e] : entries_) t += e.seconds;
     return t;
   }
-  void reset() { entries_.clear(); }
+  const Transfers& transfers() const { return transfers_; }
+  void reset() {
+    entries_.clear();
+    transfers_ = {};
+  }
 
   std::string name() const override { return inner_.name(); }
   int device_count() const override { return inner_.device_count(); }
-  void synchronize(int device) override { inner_.synchronize(device); }
+  void synchronize(int device) override {
+    ++transfers_.synchronizes;
+    inner_.synchronize(device);
+  }
   void* allocate(std::size_t nbytes, int device) override { return inner_.allocate(nbytes, device); }
   DeviceBackend& memory_backend() override { return inner_.memory_backend(); }
   void release(void* p, std::size_t nbytes, int device) noexcept override { inner_.release(p, nbytes, device); }
   void empty_cache(int device) override { inner_.empty_cache(device); }
   std::int64_t device_malloc_count(int device) const override { return inner_.device_malloc_count(device); }
   void copy_to_device(void* dst, const void* src, std::size_t n, int device) override {
+    ++transfers_.uploads;
+    transfers_.upload_bytes += static_cast<int64_t>(n);
     inner_.copy_to_device(dst, src, n, device);
   }
   void copy_to_host(void* dst, const void* src, std::size_t n, int device) override {
+    ++transfers_.downloads;
+    transfers_.download_bytes += static_cast<int64_t>(n);
     inner_.copy_to_host(dst, src, n, device);
   }
   void copy_device(void* dst, const void* src, std::size_t n, int device) override {
+    ++transfers_.device_copies;
+    transfers_.device_copy_bytes += static_cast<int64_t>(n);
     inner_.copy_device(dst, src, n, device);
   }
 
@@ -230,6 +252,7 @@ class ProfilingBackend final : public DeviceBackend {
   DeviceBackend& inner_;
   int device_;
   std::map<std::string, Entry> entries_;
+  Transfers transfers_;
 };
 
 // While alive, every call to `device`'s kind goes through a ProfilingBackend (one device: the
@@ -249,10 +272,11 @@ class DeviceProfile {
 
   const ProfilingBackend& backend() const { return profiler_; }
   std::vector<ProfilingBackend::Entry> entries() const { return profiler_.entries(); }
+  const ProfilingBackend::Transfers& transfers() const { return profiler_.transfers(); }
 
   // A Markdown table of the `top` largest entries (ms, share of the timed total, calls, TFLOP/s of
-  // the products and attention), then the rest summed, and how much of the wall time since the
-  // profile began (or the last reset) the timed calls cover.
+  // the products and attention), then the rest summed, how much of the wall time since the
+  // profile began (or the last reset) the timed calls cover, and the copies and synchronisations.
   std::string report(std::size_t top = 15) const {
     const auto es = profiler_.entries();
     const double total = profiler_.total_seconds();
@@ -281,6 +305,15 @@ class DeviceProfile {
     }
     std::snprintf(buf, sizeof buf, "\ntimed device calls: %.3f ms of %.3f ms wall (%.0f%%)\n", total * 1e3, wall * 1e3,
                   wall > 0 ? 100 * total / wall : 0.0);
+    out += buf;
+    const auto& t = profiler_.transfers();
+    std::snprintf(buf, sizeof buf,
+                  "copies: %lld uploads (%lld B), %lld downloads (%lld B; each waits for the device), %lld on the "
+                  "device (%lld B); %lld explicit synchronizations\n",
+                  static_cast<long long>(t.uploads), static_cast<long long>(t.upload_bytes),
+                  static_cast<long long>(t.downloads), static_cast<long long>(t.download_bytes),
+                  static_cast<long long>(t.device_copies), static_cast<long long>(t.device_copy_bytes),
+                  static_cast<long long>(t.synchronizes));
     out += buf;
     return out;
   }

@@ -270,7 +270,7 @@ void strided_convert(Dst* dst, const Src* src, const Shape& shape, const Strides
                   [&](const std::array<int64_t, 2>& off, int64_t len, const std::array<int64_t, 2>& inner) {
                     Dst* d = dst + off[0];
                     const Src* s = src + off[1];
-                    for (int64_t i = 0; i < len; ++i) d[i] = static_cast<Dst>(s[i * inner[1]]);
+                    for (int64_t i = 0; i < len; ++i) d[i] = convert_value<Dst>(s[i * inner[1]]);
                   });
 }
 
@@ -437,10 +437,11 @@ inline Tensor& Tensor::copy_(const Tensor& src) {
       D* d = static_cast<D*>(data_ptr());
       const S* s = static_cast<const S*>(src.data_ptr());
       const Strides ds = strides(), ss = src.strides();
-      detail::for_each_row<2>(shape(), {&ds, &ss}, [&](const std::array<int64_t, 2>& off, int64_t len,
-                                                       const std::array<int64_t, 2>& inner) {
-        for (int64_t i = 0; i < len; ++i) d[off[0] + i * inner[0]] = static_cast<D>(s[off[1] + i * inner[1]]);
-      });
+      detail::for_each_row<2>(shape(), {&ds, &ss},
+                              [&](const std::array<int64_t, 2>& off, int64_t len, const std::array<int64_t, 2>& inner) {
+                                for (int64_t i = 0; i < len; ++i)
+                                  d[off[0] + i * inner[0]] = convert_value<D>(s[off[1] + i * inner[1]]);
+                              });
     });
   });
   ++storage()->version;

@@ -54,13 +54,13 @@ struct RoutingState {
   // token_topk: per layer, the (row, expert, weight) assignments.
   std::vector<std::vector<int32_t>> rows, experts;
   std::vector<Tensor> weights;
-  // On a device: each layer's uploaded grouping, shared by the layer's adapted linears.
-  mutable std::vector<GroupingCache> groupings;
+  // On a device: the uploaded groupings, shared by every adapted linear whose routing is the same:
+  // the linears of one layer, and all the layers when one routing is given (a training batch's
+  // domains). The most recent few are kept; a layer's own routing is the most recent while its
+  // linears run.
+  mutable GroupingCache groupings{4};
 
-  GroupingCache* grouping_cache(int64_t layer) const {
-    if (groupings.size() <= static_cast<std::size_t>(layer)) groupings.resize(static_cast<std::size_t>(layer) + 1);
-    return &groupings[static_cast<std::size_t>(layer)];
-  }
+  GroupingCache* grouping_cache() const { return &groupings; }
 };
 
 // One expert beside one linear: A (R, In), B (Out, R), PEFT's init (A uniform, B zero).
@@ -141,7 +141,7 @@ class MoAAdapter : public nn::LinearAdapter {
       a.B.push_back(e->lora_B);
     }
     const RoutingState& r = *routing_;
-    a.cache = r.grouping_cache(layer_);
+    a.cache = r.grouping_cache();
     if (r.mode == RoutingMode::sequence) {
       std::vector<int32_t> se = r.seq_expert.at(static_cast<std::size_t>(layer_));
       if (const auto* sub = nn::RowScope::rows()) {  // a forward over some rows of the batch
@@ -273,11 +273,12 @@ class MoAModel : public nn::Module {
     std::vector<Tensor> rl;
     const Tensor lm = lm_loss(b, b.domain, c_.eta > 0 ? &rl : nullptr);
     if (c_.eta <= 0) return {lm, lm, Tensor()};
-    // Host labels: cross_entropy checks them on the host, so device ones would be read back per layer.
-    const Tensor labels = Tensor::from_vector(b.domain, {static_cast<int64_t>(b.domain.size())});
-    Tensor cls;
-    for (const Tensor& r : rl) cls = cls.defined() ? cls + cross_entropy(r, labels) : cross_entropy(r, labels);
-    cls = scale(cls, 1.0 / static_cast<double>(rl.size()));
+    // The mean over layers of each layer's mean over the batch is one mean over the layers' rows:
+    // one cross-entropy over the layers' logits joined (L * B, E), against the labels repeated L
+    // times. Host labels: cross_entropy checks them on the host (device ones would be read back).
+    std::vector<int32_t> labels;
+    for (std::size_t l = 0; l < rl.size(); ++l) labels.insert(labels.end(), b.domain.begin(), b.domain.end());
+    const Tensor cls = cross_entropy(concat(rl, 0), Tensor::from_vector(labels, {static_cast<int64_t>(labels.size())}));
     return {lm + scale(cls, c_.eta), lm, cls};
   }
 

@@ -147,7 +147,7 @@ __device__ __forceinline__ D convert(S v) {
   } else if constexpr (std::is_same_v<D, uint16_t>) {
     return f32_to_bf16_bits(static_cast<float>(v));
   } else {
-    return static_cast<D>(v);  // f32 <-> i32: round to nearest / truncate toward zero (saturating)
+    return ::moa::convert_value<D>(v);  // f32 <-> i32: as on the host (moa/core/dtype.hpp)
   }
 }
 

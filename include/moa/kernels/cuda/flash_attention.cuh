@@ -508,9 +508,10 @@ inline void flash_attention_backward(float* dq, float* dk, float* dv, const floa
   MOA_CHECK((dk == nullptr) == (dv == nullptr), ValueError,
             "flash_attention_backward: dk and dv come from one kernel: pass both (scratch for the unwanted one)");
   const int64_t qtiles = (s.Tq + flash::kTile - 1) / flash::kTile, ktiles = (s.Tk + flash::kTile - 1) / flash::kTile;
-  if (s.B * s.Hq * qtiles == 0) return;
+  // Each kernel runs when its output has elements: with no queries (Tq == 0) dq is empty and the
+  // dk, dv kernel writes zeros (no key is seen).
   flash::dispatch_tiles(s.D, [&]<int DT>() {
-    if (dq) {
+    if (dq && s.B * s.Hq * qtiles > 0) {
       constexpr std::size_t smem = flash::Dims<DT>::backward_smem;
       auto* kernel = flash::dq_kernel<DT>;
       flash::detail::set_smem(kernel, smem);
@@ -518,7 +519,7 @@ inline void flash_attention_backward(float* dq, float* dk, float* dv, const floa
                       flash::kThreads, smem, stream, dq, dout, q, k, v, lse, delta, s, scale);
       MOA_CUDA_LAUNCH_CHECK();
     }
-    if (dk) {
+    if (dk && s.B * s.Hkv * ktiles > 0) {
       constexpr std::size_t smem = flash::Dims<DT>::backward_smem;
       auto* kernel = flash::dkv_kernel<DT>;
       flash::detail::set_smem(kernel, smem);

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 
 #include "moa/core/error.hpp"
 #include "moa/kernels/cuda/check.cuh"
@@ -16,17 +17,26 @@
 
 namespace moa::kernels::cuda {
 
-// One cuBLAS handle per host thread, created on first use (cublasCreate is slow; never in a loop).
+// One cuBLAS handle per host thread and device (a handle belongs to the device current when it was
+// created), created on first use for the current device (cublasCreate is slow; never in a loop).
+// CudaBackend passes its own per-device handles; this is for direct callers of the launchers.
 inline cublasHandle_t cublas_handle() {
   struct Holder {
-    cublasHandle_t h = nullptr;
-    Holder() { MOA_CUBLAS_CHECK(cublasCreate(&h)); }
+    std::map<int, cublasHandle_t> h;
     ~Holder() {
-      if (h) cublasDestroy(h);
+      for (auto& [device, handle] : h) cublasDestroy(handle);
     }
   };
   thread_local Holder holder;
-  return holder.h;
+  int device = 0;
+  MOA_CUDA_CHECK(cudaGetDevice(&device));
+  auto it = holder.h.find(device);
+  if (it == holder.h.end()) {
+    cublasHandle_t handle = nullptr;
+    MOA_CUBLAS_CHECK(cublasCreate(&handle));
+    it = holder.h.emplace(device, handle).first;
+  }
+  return it->second;
 }
 
 namespace detail {
