@@ -316,10 +316,47 @@ TEST_CASE("sgemm_batched matches per-matrix reference products") {
   }
 }
 
+// The matrix-vector path (decoding: one row times a weight stored (N, K)) computes 4 columns per
+// pass over the row; each column must still be exactly the one-column dot product.
+TEST_CASE("sgemm, one row times B^T: each column bit-identical to the one-column dot product") {
+  std::mt19937 rng(91);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (const shape s : {shape{1, 4, 16}, shape{1, 7, 33}, shape{1, 203, 768}, shape{2, 37, 771}, shape{1, 1030, 5}}) {
+    for (const bool ta : {false, true}) {
+      const int64_t M = s.M, N = s.N, K = s.K, lda = ta ? M + 2 : K + 3, ldb = K + 1, ldc = N;
+      std::vector<float> A(static_cast<size_t>((ta ? K : M) * lda)), B(static_cast<size_t>(N * ldb));
+      for (auto& x : A) x = u(rng);
+      for (auto& x : B) x = u(rng);
+      std::vector<float> C(static_cast<size_t>(M * N), NAN);
+      cpu::sgemm(ta, true, M, N, K, 1.0f, A.data(), lda, B.data(), ldb, 0.0f, C.data(), ldc);
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < N; ++j) {
+          const float* a = ta ? A.data() + i : A.data() + i * lda;
+          const float want = cpu::detail::dot_strided(a, ta ? lda : 1, B.data() + j * ldb, K);
+          CAPTURE(i);
+          CAPTURE(j);
+          CHECK(std::memcmp(&C[static_cast<size_t>(i * ldc + j)], &want, sizeof(float)) == 0);
+        }
+      // and against the float64 reference, with beta (the 4-column and 1-column stores)
+      gemm_case c;
+      c.ta = ta;
+      c.tb = true;
+      c.M = M;
+      c.N = N;
+      c.K = K;
+      c.alpha = -0.75f;
+      c.beta = 0.5f;
+      c.pad_b = 3;
+      check_against_reference<float>(kSgemm, c, rng, kFloatEps);
+    }
+  }
+}
+
 TEST_CASE("sgemm is deterministic: repeated runs and different thread counts agree bitwise") {
   std::mt19937 rng(77);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  for (const shape s : {shape{517, 391, 611}, shape{901, 700, 530}, shape{64, 3100, 300}, shape{2, 2000, 300}}) {
+  for (const shape s :
+       {shape{517, 391, 611}, shape{901, 700, 530}, shape{64, 3100, 300}, shape{2, 2000, 300}, shape{1, 3001, 769}}) {
     for (int t = 0; t < 4; ++t) {
       const bool ta = (t & 1) != 0, tb = (t & 2) != 0;
       const int64_t M = s.M, N = s.N, K = s.K;

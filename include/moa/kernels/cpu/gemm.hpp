@@ -27,11 +27,17 @@ using ukernel_native = ukernel_generic;
 #endif
 
 // Threads worth using for an M x N x K product: all available ones, fewer for small products.
+// A matrix-vector product (a side of 1 or 2) is bound by reading the matrix, not by its flops: one
+// thread per 256 KB of it (decoding reads every 768 x 768 weight once per token; a second core
+// reads the second half at the same time).
 inline int sgemm_threads_for(int64_t M, int64_t N, int64_t K) {
-  const int64_t work = M * N * K;
-  const int64_t per_thread = int64_t(1) << 19;  // ~1 Mflop: below that, a fork costs more than it saves
   const int avail = max_threads();
-  if (avail <= 1 || work < 2 * per_thread) return 1;
+  if (avail <= 1) return 1;
+  const bool matvec = std::min(M, N) <= 2;
+  const int64_t work = matvec ? std::max(M, N) * K : M * N * K;
+  // matrix-vector: 2^16 matrix elements; otherwise ~1 Mflop: below that a fork costs more than it saves
+  const int64_t per_thread = matvec ? int64_t(1) << 16 : int64_t(1) << 19;
+  if (work < 2 * per_thread) return 1;
   return static_cast<int>(std::min<int64_t>(avail, work / per_thread));
 }
 
