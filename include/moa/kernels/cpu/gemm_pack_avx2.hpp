@@ -1,5 +1,6 @@
 // AVX2 packing for the 6 x 16 microkernel: the two packings that transpose (rows of A into
 // 6-wide columns, rows of a transposed B into 16-wide rows) done with 8 x 8 register transposes.
+// The AVX-512 microkernel (12 x 32) uses the B one too, at 32 wide.
 #pragma once
 
 #include <cstdint>
@@ -66,28 +67,37 @@ inline void pack_a_avx2_6(bool trans_a, const float* A, int64_t lda, int64_t i0,
   if (full * 6 < mc) pack_a<6>(trans_a, A, lda, i0 + full * 6, mc - full * 6, k0, kc, Ap + full * 6 * kc);
 }
 
-// pack_b_panel<16> with the transposed case (sixteen rows of B^T, contiguous along k) vectorised.
-// With prefetch_next, rows [j + 16, j + 32) of B exist and are fetched along the way.
-inline void pack_b_panel_avx2_16(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kc, int64_t j,
-                                 int64_t nr, float* __restrict dst, bool prefetch_next) {
-  if (!trans_b || nr != 16) {
-    pack_b_panel<16>(trans_b, B, ldb, k0, kc, j, nr, dst, prefetch_next);
+// pack_b_panel<NR> (NR a multiple of 8: 16 for the AVX2 microkernel, 32 for the AVX-512 one) with
+// the transposed case (NR rows of B^T, contiguous along k) vectorised: 8 x 8 register transposes
+// instead of NR strided scalar walks. With prefetch_next, rows [j + NR, j + 2 NR) of B exist and
+// are fetched along the way.
+template <int64_t NR>
+inline void pack_b_panel_avx2(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kc, int64_t j, int64_t nr,
+                              float* __restrict dst, bool prefetch_next) {
+  static_assert(NR % 8 == 0, "pack_b_panel_avx2: NR must be a multiple of 8");
+  if (!trans_b || nr != NR) {
+    pack_b_panel<NR>(trans_b, B, ldb, k0, kc, j, nr, dst, prefetch_next);
     return;
   }
   const float* src = B + j * ldb + k0;
   int64_t k = 0;
   for (; k + 8 <= kc; k += 8) {
     if (prefetch_next && (k & 15) == 0)
-      for (int i = 16; i < 32; ++i) _mm_prefetch(reinterpret_cast<const char*>(src + i * ldb + k), _MM_HINT_T0);
-    for (int h = 0; h < 2; ++h) {
+      for (int64_t i = NR; i < 2 * NR; ++i) _mm_prefetch(reinterpret_cast<const char*>(src + i * ldb + k), _MM_HINT_T0);
+    for (int64_t h = 0; h < NR / 8; ++h) {
       __m256 r[8];
       for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (8 * h + i) * ldb + k);
       transpose8x8(r);
-      for (int kk = 0; kk < 8; ++kk) _mm256_store_ps(dst + (k + kk) * 16 + 8 * h, r[kk]);
+      for (int kk = 0; kk < 8; ++kk) _mm256_store_ps(dst + (k + kk) * NR + 8 * h, r[kk]);
     }
   }
   for (; k < kc; ++k)
-    for (int64_t c = 0; c < 16; ++c) dst[k * 16 + c] = src[c * ldb + k];
+    for (int64_t c = 0; c < NR; ++c) dst[k * NR + c] = src[c * ldb + k];
+}
+
+inline void pack_b_panel_avx2_16(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kc, int64_t j,
+                                 int64_t nr, float* __restrict dst, bool prefetch_next) {
+  pack_b_panel_avx2<16>(trans_b, B, ldb, k0, kc, j, nr, dst, prefetch_next);
 }
 
 }  // namespace moa::kernels::cpu::detail

@@ -9,6 +9,7 @@
 
 #include "gemm_common.hpp"
 #include "gemm_pack.hpp"
+#include "gemm_pack_avx2.hpp"
 
 namespace moa::kernels::cpu::detail {
 
@@ -27,7 +28,7 @@ struct ukernel_avx512 {
   // Micro-panels [q0, q1) of the B block at columns j0.. (nc wide), rows k0.. (kc deep).
   static void pack_b(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kc, int64_t j0, int64_t nc,
                      int64_t q0, int64_t q1, float* Bp) {
-    pack_b_block<NR>(trans_b, B, ldb, k0, kc, j0, nc, q0, q1, Bp, pack_b_panel<NR>);
+    pack_b_block<NR>(trans_b, B, ldb, k0, kc, j0, nc, q0, q1, Bp, pack_b_panel_avx2<NR>);
   }
 
   static void run(int64_t kc, const float* __restrict a, const float* __restrict b, float* c, int64_t ldc,
