@@ -38,8 +38,8 @@ std::pair<moa::Tensor, moa::Tensor> random_batch(int64_t B, int64_t T, int64_t V
   std::vector<int32_t> ids(static_cast<std::size_t>(B * T)), tg(ids.size());
   for (auto& v : ids) v = static_cast<int32_t>(g.next_below(static_cast<std::uint64_t>(V)));
   for (auto& v : tg) v = static_cast<int32_t>(g.next_below(static_cast<std::uint64_t>(V)));
-  // On the host, as a training loop has them: checked there and uploaded without waiting for the
-  // device (device ids and targets would be read back to be checked, each read a synchronisation).
+  // On the host, as a training loop has them: checked there and uploaded (a small upload does not
+  // wait for queued work; device ids and targets would be read back to be checked, each read a wait).
   return {moa::Tensor::from_vector(ids, {B, T}), moa::Tensor::from_vector(tg, {B, T})};
 }
 

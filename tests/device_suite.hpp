@@ -122,6 +122,10 @@ inline void copies(Device dev) {
   CHECK(od.to(DType::i32).device() == dev);
   CHECK(od.to(DType::i32).to_vector<int32_t>() == odd_i);                                // the device kernel converts
   CHECK(Tensor::from_vector(odd).to(DType::i32).to(dev).to_vector<int32_t>() == odd_i);  // the host converts
+  Tensor fi = Tensor::zeros({3}, DType::i32, dev);  // fill_ on the device converts its value alike
+  CHECK(fi.fill_(std::nan("")).to_vector<int32_t>() == std::vector<int32_t>(3, 0));
+  CHECK(fi.fill_(3e9).to_vector<int32_t>() == std::vector<int32_t>(3, INT32_MAX));
+  CHECK(fi.fill_(-7.9).to_vector<int32_t>() == std::vector<int32_t>(3, -7));
   // fill_ on a strided view, item, to_vector
   Tensor f = Tensor::zeros({4, 6}, DType::f32, dev);
   f.narrow(1, 2, 3).detach().fill_(2.5);

@@ -187,4 +187,8 @@ TEST_CASE("device (mock): DeviceProfile counts uploads, downloads, device copies
   profile.reset();
   CHECK(profile.transfers().downloads == 0);
   CHECK(profile.transfers().upload_bytes == 0);
+  // a value computed on the device and returned to the host waits like a download
+  CHECK(backend(dev).sum_squares_all({{up.data<float>(), 4}}) == 16 + 25 + 36 + 49);
+  CHECK(profile.transfers().downloads == 1);
+  CHECK(profile.transfers().download_bytes == 8);
 }

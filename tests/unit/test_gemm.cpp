@@ -352,6 +352,24 @@ TEST_CASE("sgemm, one row times B^T: each column bit-identical to the one-column
   }
 }
 
+#ifdef _OPENMP
+// A matrix-vector product takes threads by the matrix's size, but no more than the direct path can
+// split it into (64-column blocks for one or two rows, rows for one or two columns).
+TEST_CASE("sgemm thread counts: matrix-vector products by size, capped by what the split can use") {
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(16);
+  CHECK(cpu::detail::sgemm_threads_for(1, 768, 3072) == 12);      // 36 by size, 12 column blocks
+  CHECK(cpu::detail::sgemm_threads_for(1, 768, 768) == 9);        // 9 by size (2^16 elements each)
+  CHECK(cpu::detail::sgemm_threads_for(1, 50257, 768) == 16);     // all
+  CHECK(cpu::detail::sgemm_threads_for(2000, 1, 768) == 16);      // rows
+  CHECK(cpu::detail::sgemm_threads_for(1, 100, 5000) == 1);       // one column block
+  CHECK(cpu::detail::sgemm_threads_for(1, 768, 100) == 1);        // 76800 elements: one thread
+  CHECK(cpu::detail::sgemm_threads_for(256, 768, 768) == 16);     // by flops
+  CHECK(cpu::detail::sgemm_threads_for_flops(1, 768, 768) == 1);  // what the batched heads use
+  omp_set_num_threads(saved);
+}
+#endif
+
 TEST_CASE("sgemm is deterministic: repeated runs and different thread counts agree bitwise") {
   std::mt19937 rng(77);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);

@@ -75,6 +75,10 @@ TEST_CASE("tensor: views share storage and read the right elements") {
   CHECK(Tensor::from_vector(odd).to(DType::f64).to(DType::i32).to_vector<int32_t>() == odd_i);
   CHECK(Tensor::from_vector(std::vector<double>{2147483647.9, -2147483648.9, 1e300}).to_vector<int32_t>() ==
         std::vector<int32_t>{INT32_MAX, INT32_MIN, INT32_MAX});
+  Tensor fi = Tensor::zeros({3}, DType::i32);  // fill_ converts its value alike
+  CHECK(fi.fill_(std::nan("")).to_vector<int32_t>() == std::vector<int32_t>(3, 0));
+  CHECK(fi.fill_(3e9).to_vector<int32_t>() == std::vector<int32_t>(3, INT32_MAX));
+  CHECK(fi.fill_(-7.9).to_vector<int32_t>() == std::vector<int32_t>(3, -7));
 }
 
 TEST_CASE("tensor: item and scalar") {

@@ -40,7 +40,7 @@ class ProfilingBackend final : public DeviceBackend {
   // Copies between host and device and within a device, and explicit synchronize() calls.
   struct Transfers {
     int64_t uploads = 0, upload_bytes = 0;             // copy_to_device
-    int64_t downloads = 0, download_bytes = 0;         // copy_to_host: each one waits for the device
+    int64_t downloads = 0, download_bytes = 0;         // copy_to_host, sum_squares_all: each waits
     int64_t device_copies = 0, device_copy_bytes = 0;  // copy_device
     int64_t synchronizes = 0;                          // synchronize()
   };
@@ -126,6 +126,8 @@ class ProfilingBackend final : public DeviceBackend {
     timed("sum_rows", [&] { inner_.sum_rows(out, x, rows, cols, scale); });
   }
   double sum_squares_all(const std::vector<std::pair<const float*, int64_t>>& buffers) override {
+    ++transfers_.downloads;  // its value comes back to the host: a wait, like a download
+    transfers_.download_bytes += static_cast<int64_t>(sizeof(double));
     double r = 0;
     timed("sum_squares_all", [&] { r = inner_.sum_squares_all(buffers); });
     return r;

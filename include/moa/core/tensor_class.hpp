@@ -358,7 +358,7 @@ inline Tensor& Tensor::fill_(double value) {
   }
   detail::dispatch_any(dtype(), "fill_", [&]<class T>() {
     T* p = static_cast<T*>(data_ptr());
-    const T v = static_cast<T>(value);
+    const T v = convert_value<T>(value);
     const Strides dst = strides();
     detail::for_each_row<1>(shape(), {&dst}, [&](const std::array<int64_t, 1>& off, int64_t len,
                                                  const std::array<int64_t, 1>& inner) {

@@ -26,19 +26,28 @@ using ukernel_native = ukernel_avx2;
 using ukernel_native = ukernel_generic;
 #endif
 
-// Threads worth using for an M x N x K product: all available ones, fewer for small products.
-// A matrix-vector product (a side of 1 or 2) is bound by reading the matrix, not by its flops: one
-// thread per 256 KB of it (decoding reads every 768 x 768 weight once per token; a second core
-// reads the second half at the same time).
+// Threads worth using for an M x N x K product by its flops: all available ones, fewer for small
+// products (~1 Mflop per thread: below that, a fork costs more than it saves).
+inline int sgemm_threads_for_flops(int64_t M, int64_t N, int64_t K) {
+  const int64_t work = M * N * K;
+  const int64_t per_thread = int64_t(1) << 19;
+  const int avail = max_threads();
+  if (avail <= 1 || work < 2 * per_thread) return 1;
+  return static_cast<int>(std::min<int64_t>(avail, work / per_thread));
+}
+
+// Threads worth using for one M x N x K product. A matrix-vector product (a side of 1 or 2) is
+// bound by reading the matrix, not by its flops: one thread per 256 KB of it (decoding reads every
+// 768 x 768 weight once per token; a second core reads the second half at the same time), and no
+// more than the direct path can split it into (column blocks of 64 when M <= 2, rows when N <= 2).
 inline int sgemm_threads_for(int64_t M, int64_t N, int64_t K) {
   const int avail = max_threads();
   if (avail <= 1) return 1;
-  const bool matvec = std::min(M, N) <= 2;
-  const int64_t work = matvec ? std::max(M, N) * K : M * N * K;
-  // matrix-vector: 2^16 matrix elements; otherwise ~1 Mflop: below that a fork costs more than it saves
-  const int64_t per_thread = matvec ? int64_t(1) << 16 : int64_t(1) << 19;
-  if (work < 2 * per_thread) return 1;
-  return static_cast<int>(std::min<int64_t>(avail, work / per_thread));
+  if (std::min(M, N) > 2) return sgemm_threads_for_flops(M, N, K);
+  const int64_t work = std::max(M, N) * K, per_thread = int64_t(1) << 16;
+  const int64_t parts = M <= 2 ? N / 64 : M;
+  if (work < 2 * per_thread || parts < 2) return 1;
+  return static_cast<int>(std::min<int64_t>({avail, work / per_thread, parts}));
 }
 
 // The whole product with a given microkernel and thread count (deterministic for any count).
@@ -70,7 +79,7 @@ inline void dgemm_simple(bool trans_a, bool trans_b, int64_t M, int64_t N, int64
   if (M <= 0 || N <= 0) return;
   const int64_t a_row = trans_a ? 1 : lda, a_col = trans_a ? lda : 1;
   const int64_t b_row = trans_b ? 1 : ldb, b_col = trans_b ? ldb : 1;  // op(B)(k, j) = B[k*b_row + j*b_col]
-  const int nthreads = sgemm_threads_for(M, N, K);
+  const int nthreads = static_cast<int>(std::min<int64_t>(sgemm_threads_for_flops(M, N, K), M));  // split over rows
   (void)nthreads;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
@@ -109,7 +118,8 @@ inline void sgemm_batched(bool trans_a, bool trans_b, int64_t batch, int64_t M, 
                           const float* A, int64_t lda, int64_t stride_a, const float* B, int64_t ldb, int64_t stride_b,
                           float beta, float* C, int64_t ldc, int64_t stride_c) {
   if (batch <= 0) return;
-  const int per_product = detail::sgemm_threads_for(M, N, K);
+  // by flops: many small products (attention's heads) go one per thread rather than each threaded
+  const int per_product = detail::sgemm_threads_for_flops(M, N, K);
   const int avail = detail::max_threads();
   if (batch == 1 || per_product >= avail) {
     for (int64_t b = 0; b < batch; ++b)

@@ -225,7 +225,7 @@ class CudaBackend final : public DeviceBackend {
       if constexpr (std::is_same_v<T, uint16_t>)
         v = ::moa::f32_to_bf16_bits(static_cast<float>(value));
       else
-        v = static_cast<T>(value);  // as the cpu's fill_: static_cast<T>(value)
+        v = ::moa::convert_value<T>(value);  // as the cpu's fill_
       bool zero_bits = true;
       const unsigned char* b = reinterpret_cast<const unsigned char*>(&v);
       for (std::size_t i = 0; i < sizeof(T); ++i) zero_bits = zero_bits && b[i] == 0;
