@@ -95,11 +95,6 @@ inline void pack_b_panel_avx2(bool trans_b, const float* B, int64_t ldb, int64_t
     for (int64_t c = 0; c < NR; ++c) dst[k * NR + c] = src[c * ldb + k];
 }
 
-inline void pack_b_panel_avx2_16(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kc, int64_t j,
-                                 int64_t nr, float* __restrict dst, bool prefetch_next) {
-  pack_b_panel_avx2<16>(trans_b, B, ldb, k0, kc, j, nr, dst, prefetch_next);
-}
-
 }  // namespace moa::kernels::cpu::detail
 
 #endif  // __AVX2__

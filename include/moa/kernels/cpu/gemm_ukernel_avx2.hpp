@@ -27,7 +27,7 @@ struct ukernel_avx2 {
   // Micro-panels [q0, q1) of the B block at columns j0.. (nc wide), rows k0.. (kc deep).
   static void pack_b(bool trans_b, const float* B, int64_t ldb, int64_t k0, int64_t kc, int64_t j0, int64_t nc,
                      int64_t q0, int64_t q1, float* Bp) {
-    pack_b_block<NR>(trans_b, B, ldb, k0, kc, j0, nc, q0, q1, Bp, pack_b_panel_avx2_16);
+    pack_b_block<NR>(trans_b, B, ldb, k0, kc, j0, nc, q0, q1, Bp, pack_b_panel_avx2<NR>);
   }
 
   // C[0:6, 0:16] (row stride ldc) <- update(sum_k a[k*6 + r] * b[k*16 + c]); a, b packed, b 32-byte aligned.
